@@ -1,0 +1,305 @@
+"""The RxRx1 folder as Kaggle ships it: CSV schemas, one row per (well, site), image paths.
+
+Everything is validated up front, and every problem found is reported in one message, so a
+user learns about the missing column *and* the 300 missing PNGs before any training starts.
+"""
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rcic.errors import UserError
+
+SCHEMAS = {
+    "train.csv": ["id_code", "experiment", "plate", "well", "sirna"],
+    "test.csv": ["id_code", "experiment", "plate", "well"],
+    "train_controls.csv": ["id_code", "experiment", "plate", "well", "sirna", "well_type"],
+    "test_controls.csv": ["id_code", "experiment", "plate", "well", "sirna", "well_type"],
+    "pixel_stats.csv": ["id_code", "experiment", "plate", "well", "site", "channel",
+                        "mean", "std", "median", "min", "max"],
+    "sample_submission.csv": ["id_code", "sirna"],
+}
+OPTIONAL_FILES = {"pixel_stats.csv"}
+ANSWER_KEY = "test_answers.csv"   # id_code,sirna: written by rcic-synth only, to score local runs
+
+N_TREATMENTS = 1108               # siRNA 0..1107 are the scored classes
+FIRST_CONTROL = 1108              # 1108..1137 positive controls, 1138 the negative control
+LAST_CONTROL = 1138
+N_CONTROL_CLASSES = LAST_CONTROL - FIRST_CONTROL + 1
+CHANNELS = 6
+SITES = (1, 2)
+PLATES = (1, 2, 3, 4)
+WELL_ROWS = "BCDEFGHIJKLMNO"      # 384-well plate without its outer ring: 14 x 22 = 308 wells
+WELL_COLS = range(2, 24)
+WELLS = [f"{r}{c:02d}" for r in WELL_ROWS for c in WELL_COLS]
+EXPERIMENT_RE = re.compile(r"^([A-Za-z0-9]+)-(\d+)$")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def cell_type_of(experiment):
+    """'HUVEC-07' -> 'HUVEC'."""
+    return experiment.rsplit("-", 1)[0]
+
+
+def image_path(root, split, experiment, plate, well, site, channel):
+    return Path(root) / split / experiment / f"Plate{plate}" / f"{well}_s{site}_w{channel}.png"
+
+
+def png_header(path):
+    """(width, height, bit_depth, color_type) from a PNG's IHDR, or a reason it is not a PNG."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(29)
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
+    if len(head) == 0:
+        return "empty (0 bytes)"
+    if not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return "not a PNG file"
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return width, height, head[24], head[25]
+
+
+class Problems:
+    """Collects every problem found while validating, then reports them in one message."""
+
+    def __init__(self, root):
+        self.root, self.items = root, []
+
+    def add(self, text):
+        self.items.append(text)
+
+    def raise_if_any(self, fix):
+        if not self.items:
+            return
+        shown = "; ".join(self.items[:5])
+        more = f" (and {len(self.items) - 5} more)" if len(self.items) > 5 else ""
+        raise UserError(f"{len(self.items)} problem(s) in data folder {self.root}: "
+                        f"{shown}{more}. {fix}")
+
+
+class RxRx1:
+    """An RxRx1 folder: `wells` (one row a well) and `sites` (one row a well and site).
+
+    Columns of both: id_code, experiment, cell_type, plate, well, split (train|test),
+    sirna (-1 where unknown), well_type (treatment|positive_control|negative_control);
+    `sites` adds `site`.
+    """
+
+    def __init__(self, root, check_images=True):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(f"data folder {self.root} does not exist: pass --data with an RxRx1 "
+                            f"folder, or leave --data out to use the embedded synthetic data")
+        problems = Problems(self.root)
+        tables = {name: self._read_csv(name, problems) for name in SCHEMAS}
+        problems.raise_if_any("Fix the CSV files named above (schemas: see FACTS in the README).")
+        self.tables = tables
+        self.wells = self._build_wells(tables, problems)
+        problems.raise_if_any("Fix or restore the CSV rows named above.")
+        self.answers = self._read_answers()
+        self.sites = self.wells.loc[self.wells.index.repeat(len(SITES))].reset_index(drop=True)
+        self.sites.insert(self.sites.columns.get_loc("well") + 1, "site",
+                          np.tile(np.array(SITES), len(self.wells)))
+        self.n_treatments = self._count_treatments()
+        self.image_size = None
+        if check_images:
+            self.image_size = self._check_images(problems)
+            problems.raise_if_any("Restore the missing or broken images (re-download, or "
+                                  "re-run rcic-synth for the embedded data).")
+
+    # -- CSVs -------------------------------------------------------------------------------
+    def _read_csv(self, name, problems):
+        path = self.root / name
+        if not path.is_file():
+            if name not in OPTIONAL_FILES:
+                problems.add(f"{name} is missing")
+            return None
+        try:
+            df = pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            problems.add(f"{name} cannot be parsed ({str(err).splitlines()[0]})")
+            return None
+        expected = SCHEMAS[name]
+        missing = [c for c in expected if c not in df.columns]
+        extra = [c for c in df.columns if c not in expected]
+        if missing:
+            problems.add(f"{name} lacks column(s) {', '.join(missing)}")
+        if extra:
+            problems.add(f"{name} has unexpected column(s) {', '.join(map(str, extra))}")
+        if missing or extra:
+            return None
+        return df[expected]
+
+    def _build_wells(self, t, problems):
+        parts = [
+            t["train.csv"].assign(split="train", well_type="treatment"),
+            t["train_controls.csv"].assign(split="train"),
+            t["test.csv"].assign(split="test", sirna=-1, well_type="treatment"),
+            t["test_controls.csv"].assign(split="test"),
+        ]
+        wells = pd.concat(parts, ignore_index=True)
+        wells["plate"] = pd.to_numeric(wells["plate"], errors="coerce")
+        wells["sirna"] = pd.to_numeric(wells["sirna"], errors="coerce")
+        for column in ("plate", "sirna"):
+            bad = wells[wells[column].isna() | (wells[column] % 1 != 0)]
+            for id_code in bad["id_code"].head(3):
+                problems.add(f"{column} of {id_code} is not an integer")
+        if problems.items:
+            return None
+        wells = wells.astype({"plate": int, "sirna": int, "experiment": str, "well": str})
+        dup = wells[wells["id_code"].duplicated()]["id_code"]
+        if len(dup):
+            problems.add(f"{len(dup)} duplicated id_code(s), e.g. {dup.iloc[0]}")
+        bad_exp = sorted(set(e for e in wells["experiment"] if not EXPERIMENT_RE.match(e)))
+        if bad_exp:
+            problems.add(f"unknown experiment name(s) {', '.join(bad_exp[:3])} "
+                         f"(expected CELLTYPE-NN, e.g. HUVEC-01)")
+        bad_plate = wells[~wells["plate"].isin(PLATES)]
+        if len(bad_plate):
+            problems.add(f"plate {bad_plate['plate'].iloc[0]} of {bad_plate['id_code'].iloc[0]}"
+                         f" is not one of 1-4")
+        bad_well = wells[~wells["well"].isin(WELLS)]
+        if len(bad_well):
+            problems.add(f"well {bad_well['well'].iloc[0]} of {bad_well['id_code'].iloc[0]} is "
+                         f"not on the 308-well grid B02..O23")
+        expected_id = wells["experiment"] + "_" + wells["plate"].astype(str) + "_" + wells["well"]
+        bad_id = wells[wells["id_code"] != expected_id]
+        if len(bad_id):
+            problems.add(f"id_code {bad_id['id_code'].iloc[0]} does not match its experiment, "
+                         f"plate and well")
+        treat = wells[(wells["well_type"] == "treatment") & (wells["split"] == "train")]
+        bad = treat[(treat["sirna"] < 0) | (treat["sirna"] >= N_TREATMENTS)]
+        if len(bad):
+            problems.add(f"train.csv siRNA {bad['sirna'].iloc[0]} of {bad['id_code'].iloc[0]} is "
+                         f"outside 0..{N_TREATMENTS - 1}")
+        ctrl = wells[wells["well_type"] != "treatment"]
+        bad = ctrl[(ctrl["sirna"] < FIRST_CONTROL) | (ctrl["sirna"] > LAST_CONTROL)]
+        if len(bad):
+            problems.add(f"control siRNA {bad['sirna'].iloc[0]} of {bad['id_code'].iloc[0]} is "
+                         f"outside {FIRST_CONTROL}..{LAST_CONTROL}")
+        bad = ctrl[~ctrl["well_type"].isin(["positive_control", "negative_control"])]
+        if len(bad):
+            problems.add(f"well_type {bad['well_type'].iloc[0]!r} of {bad['id_code'].iloc[0]} is "
+                         f"not positive_control or negative_control")
+        if problems.items:
+            return None
+        wells.insert(2, "cell_type", wells["experiment"].map(cell_type_of))
+        return wells[["id_code", "experiment", "cell_type", "plate", "well", "split", "sirna",
+                      "well_type"]]
+
+    def _read_answers(self):
+        path = self.root / ANSWER_KEY
+        if not path.is_file():
+            return None
+        answers = pd.read_csv(path)
+        if list(answers.columns) != ["id_code", "sirna"]:
+            raise UserError(f"{path} must have columns id_code,sirna: fix or delete the file")
+        return answers
+
+    def _count_treatments(self):
+        """Classes are siRNA 0..n-1: 1,108 on the real data, fewer on small synthetic sets."""
+        treat = self.wells[(self.wells["split"] == "train") & (self.wells["well_type"] == "treatment")]
+        if len(treat) == 0:
+            raise UserError(f"{self.root / 'train.csv'} has no rows: it must list the training wells")
+        return int(treat["sirna"].max()) + 1
+
+    # -- images -----------------------------------------------------------------------------
+    def paths(self, row):
+        """The six channel PNGs of one `sites` row."""
+        return [image_path(self.root, row.split, row.experiment, row.plate, row.well, row.site, c)
+                for c in range(1, CHANNELS + 1)]
+
+    def _check_images(self, problems):
+        """Check that every PNG exists and has a sane header; returns the common image size."""
+        size = None
+        for row in self.sites.itertuples(index=False):
+            for path in self.paths(row):
+                head = png_header(path) if path.exists() else "missing"
+                rel = path.relative_to(self.root)
+                if isinstance(head, str):
+                    problems.add(f"{rel} is {head}")
+                    continue
+                width, height, depth, color = head
+                if depth != 8 or color != 0:
+                    problems.add(f"{rel} is not 8-bit grayscale (bit depth {depth}, colour type {color})")
+                elif size is None:
+                    size = (height, width)
+                elif (height, width) != size:
+                    problems.add(f"{rel} is {width}x{height}, the others {size[1]}x{size[0]}")
+        return size
+
+    # -- splits and statistics ----------------------------------------------------------------
+    def experiments(self, split="train"):
+        return sorted(self.wells.loc[self.wells["split"] == split, "experiment"].unique())
+
+    def default_val_experiments(self):
+        """The last train experiment of each cell type: validation never shares a batch effect."""
+        exps = pd.Series(self.experiments("train"))
+        return sorted(exps.groupby(exps.map(cell_type_of)).max())
+
+    def split_sites(self, val_experiments=None, cell_types=None, use_controls=False,
+                    use_test_controls=False):
+        """Train and validation sites, split by whole experiments (never by wells: that leaks)."""
+        val_experiments = list(val_experiments or self.default_val_experiments())
+        unknown = sorted(set(val_experiments) - set(self.experiments("train")))
+        if unknown:
+            raise UserError(f"validation experiment(s) {', '.join(unknown)} are not train "
+                            f"experiments of {self.root}: choose from "
+                            f"{', '.join(self.experiments('train'))}")
+        sites = self.sites
+        if cell_types:
+            unknown = sorted(set(cell_types) - set(sites["cell_type"]))
+            if unknown:
+                raise UserError(f"cell type(s) {', '.join(unknown)} do not occur in {self.root}: "
+                                f"choose from {', '.join(sorted(sites['cell_type'].unique()))}")
+            sites = sites[sites["cell_type"].isin(cell_types)]
+        labelled = sites["split"] == "train"
+        if not use_controls:
+            labelled &= sites["well_type"] == "treatment"
+        in_val = sites["experiment"].isin(val_experiments)
+        train = sites[labelled & ~in_val]
+        if use_test_controls:
+            train = pd.concat([train, sites[(sites["split"] == "test")
+                                            & (sites["well_type"] != "treatment")]])
+        val = sites[in_val & (sites["well_type"] == "treatment")]
+        return train.reset_index(drop=True), val.reset_index(drop=True)
+
+    def test_sites(self, cell_types=None):
+        """Sites of the test wells to predict (controls excluded: they are never submitted)."""
+        sites = self.sites[(self.sites["split"] == "test") & (self.sites["well_type"] == "treatment")]
+        if cell_types:
+            sites = sites[sites["cell_type"].isin(cell_types)]
+        return sites.reset_index(drop=True)
+
+    def class_index(self, sirna):
+        """Model class of a siRNA: treatments keep their number, controls follow them."""
+        sirna = np.asarray(sirna)
+        return np.where(sirna >= FIRST_CONTROL, self.n_treatments + sirna - FIRST_CONTROL, sirna)
+
+    def channel_stats(self, by):
+        """Per-group channel mean and std (each (6,) float32) from pixel_stats.csv.
+
+        `by` is 'experiment' or 'plate' (key experiment_plate). Pooled over sites exactly:
+        var = E[std^2 + mean^2] - E[mean]^2.
+        """
+        stats = self.tables.get("pixel_stats.csv")
+        if stats is None:
+            raise UserError(f"{self.root / 'pixel_stats.csv'} is missing, and normalization "
+                            f"'{by}' needs it: restore the file or set data.normalization=image")
+        stats = stats.copy()
+        stats["key"] = (stats["experiment"] if by == "experiment"
+                        else stats["experiment"] + "_" + stats["plate"].astype(str))
+        stats["sq"] = stats["std"] ** 2 + stats["mean"] ** 2
+        grouped = stats.groupby(["key", "channel"])[["mean", "sq"]].mean()
+        out = {}
+        for key, part in grouped.groupby(level=0):
+            part = part.droplevel(0).reindex(range(1, CHANNELS + 1))
+            if part.isna().any().any():
+                raise UserError(f"{self.root / 'pixel_stats.csv'} lacks channels for {key}: "
+                                f"restore the file or set data.normalization=image")
+            mean = part["mean"].to_numpy(np.float64)
+            std = np.sqrt(np.maximum(part["sq"].to_numpy(np.float64) - mean ** 2, 1e-6))
+            out[key] = (mean.astype(np.float32), std.astype(np.float32))
+        return out

@@ -1,0 +1,22 @@
+"""One kind of error for everything a user can fix, and the wrapper that reports it.
+
+Every console script runs through `cli_main`: a `UserError` becomes one line on stderr
+("rcic-stage: error: <what>, <where>: <what to do>") and exit status 2, never a traceback.
+"""
+import sys
+
+
+class UserError(Exception):
+    """Bad input the user can fix. The message names what is wrong, where, and the fix."""
+
+
+def cli_main(prog, run, argv=None):
+    """Run `run(argv)` and turn a UserError into one clear line and exit status 2."""
+    try:
+        return run(argv) or 0
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

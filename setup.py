@@ -1,0 +1,51 @@
+"""rcic: RxRx1 / RCIC training as a chain of time-budgeted, exactly resumable stages."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(r'__version__ = "([^"]+)"', Path("rcic/__init__.py").read_text()).group(1)
+
+setup(
+    name="rcic",
+    version=version,
+    description="Recursion Cellular Image Classification toolkit: budgeted Kaggle stages, "
+                "exact resume, offline submissions",
+    long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rcic", "rcic.*"]),
+    package_data={"rcic": ["configs/*.yaml", "kernels/*.py", "kernels/*.json"]},
+    # Loose bounds on purpose: Kaggle's image brings its own torch, torchvision,
+    # albumentations, pandas and tqdm, and installing rcic must never replace them.
+    install_requires=[
+        "torch>=2.0",
+        "torchvision>=0.15",
+        "efficientnet-pytorch>=0.7",
+        "albumentations>=1.4",
+        "opencv-python-headless>=4.5",
+        "numpy>=1.23",
+        "pandas>=1.5",
+        "scipy>=1.9",
+        "tqdm>=4.60",
+        "matplotlib>=3.5",
+        "PyYAML>=5.4",
+    ],
+    extras_require={
+        # The kaggle client is only needed by `rcic-chain push/status/output`;
+        # kaggle 2.2.x imports six without declaring it.
+        "kaggle": ["kaggle>=2.2,<3", "six"],
+        "timm": ["timm>=0.9"],
+        "test": ["pytest>=7", "kaggle>=2.2,<3", "six"],
+    },
+    entry_points={
+        "console_scripts": [
+            "rcic-synth=rcic.cli.synth:main",
+            "rcic-cache=rcic.cli.cache:main",
+            "rcic-stage=rcic.cli.stage:main",
+            "rcic-predict=rcic.cli.predict:main",
+            "rcic-submission=rcic.cli.submission:main",
+            "rcic-chain=rcic.cli.chain:main",
+        ]
+    },
+)
