@@ -1,0 +1,39 @@
+"""rcic-cache: decode every site of an RxRx1 folder once into a uint8 cache at one size."""
+import argparse
+import sys
+from pathlib import Path
+
+from rcic.data.cache import FORMATS, build_cache
+from rcic.data.layout import RxRx1
+from rcic.data.synthetic import default_data_dir
+from rcic.errors import UserError, cli_main
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is a UserError: one line, exit 2, like every other error."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see rcic-cache --help)")
+
+
+def run(argv):
+    parser = Parser(prog="rcic-cache", description=__doc__)
+    parser.add_argument("--data", type=Path,
+                        help="RxRx1 folder (default: the embedded synthetic data)")
+    parser.add_argument("--out", type=Path, required=True, help="cache folder to build or resume")
+    parser.add_argument("--size", type=int, required=True, help="image side in pixels")
+    parser.add_argument("--workers", type=int, help="decoding processes (default: all cores)")
+    parser.add_argument("--format", choices=FORMATS, default="raw",
+                        help="raw: memory-mapped uint8, fastest reads; zlib: about half the "
+                             "bytes (fits Kaggle's 20 GB output at 256 px)")
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be 1 or more")
+    data = RxRx1(args.data if args.data is not None else default_data_dir())
+    out = build_cache(data, args.out, args.size, workers=args.workers, format=args.format)
+    print(f"rcic-cache: {len(data.sites)} sites at {args.size} px ({args.format}) in {out}",
+          file=sys.stderr)
+
+
+def main(argv=None):
+    return cli_main("rcic-cache", run, argv)
