@@ -182,9 +182,10 @@ def steps_per_epoch(n, batch_size, groups=None, world=1):
     return len(EpochBatchSampler(n, batch_size, 0, 0, groups=groups, world=world).batches)
 
 
-def make_loader(dataset, batch_sampler=None, batch_size=64, num_workers=0, pin_memory=False):
+def make_loader(dataset, batch_sampler=None, batch_size=64, num_workers=0, pin_memory=False,
+                generator=None):
     """A DataLoader for training (with a batch sampler) or evaluation (in order)."""
-    common = dict(num_workers=num_workers, pin_memory=pin_memory,
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, generator=generator,
                   persistent_workers=False, prefetch_factor=4 if num_workers else None)
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **common)

@@ -1,0 +1,48 @@
+"""rcic-stage: train one time-budgeted stage that resumes exactly where the last one stopped."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rcic.budget import Budget, parse_duration, process_start_time
+from rcic.cli.common import open_data, setup_logging
+from rcic.config import load_recipe
+from rcic.errors import cli_main
+
+KAGGLE_INPUT = Path("/kaggle/input")
+
+
+def run(argv):
+    start = process_start_time()   # the budget counts from process start, imports included
+    p = argparse.ArgumentParser(prog="rcic-stage", description=__doc__)
+    p.add_argument("--config", help="recipe YAML (default: the built-in tiny CPU recipe)")
+    p.add_argument("--data", help="RxRx1 folder (default: the embedded synthetic data)")
+    p.add_argument("--out", default="runs/stage", help="output folder (default: runs/stage)")
+    p.add_argument("--budget", required=True,
+                   help="wall time for the whole process, e.g. 8h, 7h30m, 45m, 90s, 1:30:00")
+    p.add_argument("--resume-from", nargs="*", default=None, metavar="DIR",
+                   help="folders searched recursively for checkpoints "
+                        "(default: /kaggle/input when it exists, plus --out)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override recipe fields, e.g. --set optim.lr=3e-4 train.epochs=10")
+    p.add_argument("--quiet", action="store_true", help="only warnings on the console")
+    args = p.parse_args(argv)
+
+    budget = Budget(parse_duration(args.budget), start=start)
+    recipe = load_recipe(args.config, args.set)
+    out = Path(args.out)
+    roots = list(args.resume_from) if args.resume_from is not None else (
+        [KAGGLE_INPUT] if KAGGLE_INPUT.is_dir() else [])
+    roots.append(out)
+    data = open_data(args.data)
+    from rcic.stage import Stage, check_writable   # torch loads only after the input is checked
+    check_writable(out)
+    setup_logging(out / "stage.log", args.quiet)
+    report = Stage(recipe, data, out, budget, roots).run()
+    summary = {k: report[k] for k in ("done", "global_step", "total_steps", "epoch",
+                                      "seconds_used", "samples_per_second", "stages_left_estimate")}
+    print(json.dumps(summary), file=sys.stdout)
+
+
+def main(argv=None):
+    return cli_main("rcic-stage", run, argv)

@@ -1,0 +1,239 @@
+"""The training state and one optimizer step: model, optimizer, data position, RNG, metrics.
+
+`Trainer` owns everything an exact continuation needs and hands it out as one `state_dict()`.
+It knows nothing about budgets or files: `stage.py` decides when to step, evaluate and save.
+
+One optimizer step = `accumulation_steps` micro-batches. Checkpoints are only taken between
+optimizer steps, so no half-accumulated gradient ever needs saving.
+"""
+import contextlib
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import rcic
+from rcic.data.layout import N_CONTROL_CLASSES
+from rcic.data.dataset import EpochBatchSampler, Normalizer, SiteDataset, make_loader
+from rcic.errors import UserError
+from rcic.models import create_loss, create_model, set_backbone_trainable
+from rcic.optim import create_ema, create_optimizer, create_scheduler
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, recipe, data, device, world=1, rank=0):
+        self.recipe, self.data, self.device = recipe, data, device
+        self.world, self.rank = world, rank
+        torch.manual_seed(recipe.train.seed)
+        np.random.seed(recipe.train.seed)
+        random.seed(recipe.train.seed)
+        train_sites, val_sites = data.split_sites(
+            recipe.data.val_experiments, recipe.data.cell_types, recipe.data.use_controls,
+            recipe.data.use_test_controls)
+        self.cell_types = sorted(data.wells["cell_type"].unique())
+        self.train_set = SiteDataset(data, train_sites, recipe, train=True, cell_types=self.cell_types)
+        self.val_set = SiteDataset(data, val_sites, recipe, train=False, cell_types=self.cell_types)
+        with_controls = recipe.data.use_controls or recipe.data.use_test_controls
+        self.num_classes = data.n_treatments + (N_CONTROL_CLASSES if with_controls else 0)
+        self.normalize_train = Normalizer.for_dataset(data, self.train_set).to(device)
+        self.normalize_val = Normalizer.for_dataset(data, self.val_set).to(device)
+
+        self.model = create_model(recipe.model, self.num_classes, len(self.cell_types)).to(device)
+        self.on_gpu = device.type == "cuda"
+        self.channels_last = self.on_gpu and recipe.optim.channels_last
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.raw_model = self.model
+        if world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if self.on_gpu else None)
+        self.criterion = create_loss(recipe.model)
+        self.optimizer = create_optimizer(recipe.optim, self.raw_model)
+        self.accum = max(1, recipe.optim.accumulation_steps)
+        self.groups = (self.train_set.sites["experiment"] + "_" + self.train_set.sites["plate"].astype(str)
+                       ).to_numpy() if recipe.data.plate_batches else None
+        self.batches_per_epoch = len(self._sampler(0, 0).batches)
+        if self.batches_per_epoch == 0:
+            raise UserError(f"data.batch_size {recipe.data.batch_size} is larger than the "
+                            f"{len(self.train_set)} training sites: lower it with --set data.batch_size=N")
+        self.steps_per_epoch = -(-self.batches_per_epoch // self.accum)
+        self.total_steps = recipe.train.max_steps or recipe.train.epochs * self.steps_per_epoch
+        self.scheduler = create_scheduler(recipe.optim, self.optimizer, self.steps_per_epoch,
+                                          self.total_steps)
+        self.amp = self.on_gpu and recipe.optim.amp
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.ema = create_ema(self.raw_model, recipe.optim.ema_decay)
+
+        self.global_step = 0          # optimizer steps done
+        self.epoch = 0
+        self.batch_in_epoch = 0       # micro-batches of this epoch already consumed
+        self.samples_seen = 0
+        self.pending_eval = False     # an epoch ended but its validation has not run yet
+        self.history = []             # one dict per logged step or evaluation
+        self._loss_sum = torch.zeros((), device=device)
+        self._loss_count = 0
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self):
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "rng": rng_state(),
+            "counters": {"global_step": self.global_step, "epoch": self.epoch,
+                         "batch_in_epoch": self.batch_in_epoch, "samples_seen": self.samples_seen,
+                         "pending_eval": self.pending_eval,
+                         # the running loss of an unfinished log interval, so that the metric
+                         # history of a split run matches an uninterrupted one
+                         "loss_sum": self._loss_sum.item(), "loss_count": self._loss_count},
+            "history": list(self.history),
+            "recipe": self.recipe.to_dict(),
+            "recipe_hash": self.recipe.training_hash(),
+            "package_version": rcic.__version__,
+        }
+
+    def load_state_dict(self, state):
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        counters = dict(state["counters"])
+        self._loss_sum = torch.tensor(counters.pop("loss_sum"), device=self.device)
+        self._loss_count = counters.pop("loss_count")
+        for key, value in counters.items():
+            setattr(self, key, value)
+        self.history = list(state["history"])
+
+    def init_from_weights(self, weights_state):
+        """Two-step training: start from another recipe's final weights (heads may differ)."""
+        own = self.raw_model.state_dict()
+        usable = {k: v for k, v in weights_state.items() if k in own and own[k].shape == v.shape}
+        self.raw_model.load_state_dict(usable, strict=False)
+        return sorted(set(own) - set(usable))
+
+    def inference_model(self):
+        """The weights to predict with: the EMA copy when the recipe keeps one."""
+        return self.ema.module if self.ema else self.raw_model
+
+    @property
+    def finished(self):
+        return self.global_step >= self.total_steps and not self.pending_eval
+
+    # -- training ---------------------------------------------------------------------------
+    def _sampler(self, epoch, start):
+        return EpochBatchSampler(len(self.train_set), self.recipe.data.batch_size,
+                                 self.recipe.train.seed, epoch, start, self.groups,
+                                 self.world, self.rank)
+
+    def _loader(self, dataset, **kwargs):
+        # A private generator: creating a loader iterator must not draw from the global torch
+        # RNG, or an extra evaluation in one stage would shift dropout in the next.
+        return make_loader(dataset, num_workers=self.recipe.data.num_workers,
+                           pin_memory=self.on_gpu, generator=torch.Generator(), **kwargs)
+
+    def step_groups(self):
+        """Yield the micro-batch groups of one optimizer step each, for the rest of the epoch."""
+        set_backbone_trainable(self.raw_model, self.epoch >= self.recipe.optim.freeze_backbone_epochs)
+        loader = self._loader(self.train_set, batch_sampler=self._sampler(self.epoch, self.batch_in_epoch))
+        group = []
+        for batch in loader:
+            group.append(batch)
+            position = self.batch_in_epoch + len(group)
+            if len(group) == self.accum or position == self.batches_per_epoch:
+                yield group
+                group = []
+
+    def _to_device(self, batch):
+        images = batch["image"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return (images, batch["label"].to(self.device, non_blocking=True),
+                batch["cell_type"].to(self.device, non_blocking=True),
+                batch["norm_idx"].to(self.device, non_blocking=True))
+
+    def train_step(self, group):
+        """Forward, backward and one optimizer step over a group of micro-batches."""
+        self.model.train()
+        for i, batch in enumerate(group):
+            images, labels, cell_types, norm_idx = self._to_device(batch)
+            last = i == len(group) - 1
+            # Under DDP, gradients are only all-reduced on the last micro-batch of the group.
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
+            with sync, torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                x = self.normalize_train(images, norm_idx)
+                loss = self.criterion(self.model(x, cell_types), labels) / len(group)
+            with sync:
+                self.scaler.scale(loss).backward()
+            self._loss_sum += loss.detach() * len(group)
+            self._loss_count += 1
+            self.samples_seen += len(labels) * self.world
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler:
+            self.scheduler.step()
+        if self.ema:
+            self.ema.update_parameters(self.raw_model)
+        self.global_step += 1
+        self.batch_in_epoch += len(group)
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self.pending_eval = True
+        if self.global_step % self.recipe.train.log_every_steps == 0 or self.pending_eval:
+            self.log_train()
+
+    def log_train(self):
+        """Reads the running loss (one host sync per log interval, not per step)."""
+        if self._loss_count == 0:
+            return
+        loss = self._loss_sum.item() / self._loss_count
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        self.history.append({"step": self.global_step, "epoch": self.epoch,
+                             "lr": self.optimizer.param_groups[0]["lr"], "train_loss": loss})
+
+    # -- evaluation -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def evaluate(self):
+        """Loss and accuracy on the held-out experiments (site level). Every rank evaluates
+        the whole validation set, so no collective is needed here."""
+        model = self.inference_model()
+        model.eval()
+        total, correct, loss_sum = 0, 0, 0.0
+        loader = self._loader(self.val_set, batch_size=self.recipe.data.batch_size * 2)
+        for batch in loader:
+            images, labels, cell_types, norm_idx = self._to_device(batch)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                logits = model.logits(model(self.normalize_val(images, norm_idx), cell_types)).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
+            total += len(labels)
+        self.pending_eval = False
+        row = {"step": self.global_step, "epoch": self.epoch,
+               "val_loss": loss_sum / max(total, 1), "val_acc": correct / max(total, 1)}
+        self.history.append(row)
+        return row
