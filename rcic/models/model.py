@@ -58,14 +58,25 @@ class RcicModel(nn.Module):
                 + self.arcface_weight * F.log_softmax(cosine_logits, dim=1))
 
 
-def create_model(model_cfg, num_classes, num_cell_types):
-    """The RcicModel a recipe's `model` section describes, with pretrained weights if given."""
+def create_model(model_cfg, num_classes, num_cell_types, with_pretrained=True):
+    """The RcicModel a recipe's `model` section describes, with pretrained weights if given.
+
+    with_pretrained=False when the weights will come from a checkpoint (resume, prediction):
+    the model.pretrained file is then not read, so a submission kernel does not need it.
+    """
     if model_cfg.head not in HEADS:
         raise UserError(f"unknown model.head {model_cfg.head!r}: choose one of {', '.join(HEADS)}")
     if model_cfg.stem_init not in STEM_INITS:
         raise UserError(f"unknown model.stem_init {model_cfg.stem_init!r}: choose one of "
                         f"{', '.join(STEM_INITS)}")
     backbone = create_backbone(model_cfg.backbone)
+    if with_pretrained:
+        start_backbone(backbone, model_cfg)
+    return RcicModel(backbone, num_classes, num_cell_types, model_cfg)
+
+
+def start_backbone(backbone, model_cfg):
+    """Pretrained weights from the recipe's local file, or a note that training starts cold."""
     if model_cfg.pretrained:
         load_pretrained(backbone, model_cfg.pretrained, model_cfg.stem_init, model_cfg.backbone)
     elif model_cfg.backbone == "tiny":
@@ -73,7 +84,6 @@ def create_model(model_cfg, num_classes, num_cell_types):
     else:
         log.warning("backbone %s starts from random weights: set model.pretrained to a local "
                     "3-channel weights file to start from ImageNet", model_cfg.backbone)
-    return RcicModel(backbone, num_classes, num_cell_types, model_cfg)
 
 
 def set_backbone_trainable(model, trainable):

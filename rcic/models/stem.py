@@ -55,8 +55,6 @@ def read_state_dict(path):
 
 def load_pretrained(backbone, path, stem_init, backbone_name):
     """Load a local weights file into `backbone.net`, widening the stem to its channels."""
-    if stem_init not in STEM_INITS:
-        raise UserError(f"unknown model.stem_init {stem_init!r}: choose one of {', '.join(STEM_INITS)}")
     given = read_state_dict(path)
     own = backbone.net.state_dict()
     loaded, problems = {}, []
