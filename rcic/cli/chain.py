@@ -1,0 +1,181 @@
+"""rcic-chain: a training run as a chain of Kaggle kernels, and a local dry run of the chain.
+
+  init            render N stage kernels and a submission kernel into a folder
+  push            push them in order, each after the previous one completed
+  status          the state of every kernel of a chain
+  output          download every kernel's outputs and log into DIR/<kernel>/output
+  plan            how many stages a recipe needs, from a measured throughput
+  publish-bundle  upload the bundle folder (tools/build_bundle.py) as a Kaggle dataset
+  local           run the whole chain on this machine, as Kaggle would
+
+push, status, output and publish-bundle need Kaggle credentials (~/.kaggle/kaggle.json or
+KAGGLE_USERNAME and KAGGLE_KEY); nothing else does.
+"""
+import argparse
+from pathlib import Path
+
+from rcic.errors import UserError, cli_main
+from rcic.kaggle import chain
+
+PROG = "rcic-chain"
+
+
+def whole_number(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+
+
+def cmd_init(args):
+    spec = chain.ChainSpec(owner=args.owner, prefix=args.prefix, stages=args.stages,
+                           recipe=Path(args.config), budget=args.budget,
+                           competition=args.competition, machine_shape=args.machine_shape,
+                           bundle=args.bundle)
+    folders = chain.render_chain(spec, args.out)
+    for folder in folders:
+        print(f"{folder}  {chain.kernel_id(folder)}")
+    print(f"next: rcic-chain push {args.out}  (after publishing the bundle dataset "
+          f"{spec.kernel_id(spec.bundle)})")
+
+
+def cmd_push(args):
+    from rcic.kaggle import client
+
+    folders = chain.kernel_folders(args.dir)
+    api = client.connect()
+    for folder in folders:
+        kernel = chain.kernel_id(folder)
+        version, url = client.push(api, folder, kernel)
+        print(f"pushed {kernel} (version {version}): {url}", flush=True)
+        # The next kernel reads this one's output, which exists only once it has completed.
+        client.wait(api, kernel, args.poll_seconds, echo=lambda s: print(s, flush=True))
+    print(f"chain complete: rcic-chain output {args.dir} downloads the submission")
+
+
+def cmd_status(args):
+    from rcic.kaggle import client
+
+    folders = chain.kernel_folders(args.dir)
+    api = client.connect()
+    for folder in folders:
+        kernel = chain.kernel_id(folder)
+        try:
+            state, message = client.status(api, kernel)
+        except UserError as err:
+            state, message = "unknown", str(err)
+        print(f"{folder.name:10s} {kernel}: {state}" + (f" ({message})" if message else ""))
+
+
+def cmd_output(args):
+    from rcic.kaggle import client
+
+    folders = chain.kernel_folders(args.dir)
+    api = client.connect()
+    for folder in folders:
+        kernel = chain.kernel_id(folder)
+        files = client.download_output(api, kernel, folder / "output")
+        print(f"{kernel}: {len(files)} file(s) in {folder / 'output'}")
+
+
+def cmd_plan(args):
+    from rcic.budget import parse_duration
+    from rcic.config import load_recipe
+    from rcic.kaggle.plan import plan, samples_per_second_from
+
+    if (args.samples_per_second is None) == (args.from_stage_json is None):
+        raise UserError("give the throughput with exactly one of --samples-per-second X or "
+                        "--from-stage-json FILE")
+    sps = (args.samples_per_second if args.samples_per_second is not None
+           else samples_per_second_from(args.from_stage_json))
+    recipe = load_recipe(args.config)
+    print(plan(recipe, sps, parse_duration(args.budget), args.train_samples, args.data).describe())
+
+
+def cmd_publish_bundle(args):
+    from rcic.kaggle import client
+    from rcic.kaggle.bundle import bundle_ref
+
+    ref = bundle_ref(args.folder)
+    api = client.connect()
+    print(f"{ref}: {client.publish_dataset(api, args.folder, ref, args.notes)}")
+
+
+def cmd_local(args):
+    from rcic.kaggle.local import run_local_chain
+
+    out = Path(args.out) if args.out else Path("runs") / "local-chain"
+    result = run_local_chain(args.stages, args.budget, out, recipe=args.config, data=args.data,
+                             grace_seconds=args.grace)
+    for k in result["kernels"]:
+        print(f"{k['name']:10s} exit {k['status']}  {k['seconds']:.1f}s")
+    print(f"submission: {result['submission']}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="render the chain's kernels into a folder")
+    s.add_argument("--owner", required=True, help="your Kaggle user name")
+    s.add_argument("--prefix", required=True, help="slug prefix of the kernels, e.g. rcic-b0")
+    s.add_argument("--stages", type=whole_number, required=True, help="number of stage kernels")
+    s.add_argument("--config", required=True, help="recipe YAML file, embedded in each stage")
+    s.add_argument("--competition", default=chain.DEFAULT_COMPETITION)
+    s.add_argument("--machine-shape", default=chain.DEFAULT_MACHINE_SHAPE,
+                   help=f"Kaggle accelerator of every kernel (default {chain.DEFAULT_MACHINE_SHAPE})")
+    s.add_argument("--budget", default=chain.DEFAULT_BUDGET,
+                   help=f"training budget of each stage (default {chain.DEFAULT_BUDGET}: Kaggle "
+                        f"kills a session at 9 h, and start-up and saving need the rest)")
+    s.add_argument("--bundle", default=chain.DEFAULT_BUNDLE,
+                   help=f"slug of your bundle dataset (default {chain.DEFAULT_BUNDLE})")
+    s.add_argument("--out", required=True, help="folder to render into (new or empty)")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("push", help="push the kernels in order, waiting for each")
+    s.add_argument("dir")
+    s.add_argument("--poll-seconds", type=float, default=60.0,
+                   help="seconds between status checks (default 60)")
+    s.set_defaults(func=cmd_push)
+
+    for name, func, text in (("status", cmd_status, "show every kernel's state"),
+                             ("output", cmd_output, "download outputs into DIR/<kernel>/output")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("dir")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("plan", help="estimate the stages a recipe needs")
+    s.add_argument("--samples-per-second", type=float, help="measured training throughput")
+    s.add_argument("--from-stage-json", help="read samples_per_second from a stage's stage.json")
+    s.add_argument("--config", help="recipe YAML file (default: the built-in recipe)")
+    s.add_argument("--budget", default=chain.DEFAULT_BUDGET, help="budget of each stage")
+    s.add_argument("--train-samples", type=whole_number,
+                   help="training sites per epoch (default: counted in --data)")
+    s.add_argument("--data", help="RxRx1 folder to count training sites in (default: embedded)")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("publish-bundle", help="upload the bundle as a Kaggle dataset")
+    s.add_argument("folder", help="bundle folder written by tools/build_bundle.py")
+    s.add_argument("--notes", default="rcic bundle", help="version notes")
+    s.set_defaults(func=cmd_publish_bundle)
+
+    s = sub.add_parser("local", help="run the whole chain locally, as Kaggle would")
+    s.add_argument("--stages", type=whole_number, required=True)
+    s.add_argument("--budget", required=True, help="budget of each stage, e.g. 2m")
+    s.add_argument("--config", help="recipe YAML file (default: the built-in recipe)")
+    s.add_argument("--data", help="RxRx1 folder (default: the embedded synthetic data)")
+    s.add_argument("--out", help="new folder for the run (default runs/local-chain)")
+    s.add_argument("--grace", type=float, default=15.0,
+                   help="seconds past the budget before a stage is killed (default 15)")
+    s.set_defaults(func=cmd_local)
+    return p
+
+
+def run(argv):
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def main(argv=None):
+    return cli_main(PROG, run, argv)

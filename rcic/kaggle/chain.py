@@ -1,0 +1,139 @@
+"""`rcic-chain init`: render a chain of N stage kernels and one submission kernel into a folder.
+
+    DIR/chain.json             the kernels in the order they must run
+    DIR/stage-01/              stage_kernel.py + kernel-metadata.json   (GPU, budgeted)
+    ...
+    DIR/stage-NN/              lists stage NN-1 as kernel_sources: its checkpoint is the input
+    DIR/submit/                submit_kernel.py + kernel-metadata.json  (lists stage NN)
+
+Kaggle uploads only each kernel's code file, so a kernel's settings (stage number, budget, the
+recipe's YAML text) are written into its script, replacing the template's `SETTINGS = ...` line.
+"""
+import re
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from rcic.errors import UserError
+from rcic.kaggle import metadata
+
+DEFAULT_COMPETITION = "recursion-cellular-image-classification"
+DEFAULT_MACHINE_SHAPE = "NvidiaTeslaT4"   # two T4s; P100 images no longer run current torch
+KAGGLE_LIMIT_SECONDS = 9 * 3600
+# 30 minutes under Kaggle's 9 hours: the stage's clock starts with its process, after the kernel
+# has booted and installed the bundle, and Kaggle still has to save /kaggle/working (checkpoints
+# of a few GB) after the script ends. A session past 9 hours is killed and loses its output.
+DEFAULT_BUDGET = "8h30m"
+DEFAULT_BUNDLE = "rcic-package"           # slug of the bundle dataset (dataset-metadata.json)
+CHAIN_FILE = "chain.json"
+STAGE_SCRIPT, SUBMIT_SCRIPT = "stage_kernel.py", "submit_kernel.py"
+SETTINGS_LINE = re.compile(r"^SETTINGS = .*$", re.MULTILINE)
+
+
+@dataclass
+class ChainSpec:
+    owner: str
+    prefix: str
+    stages: int
+    recipe: Path = None            # a recipe YAML file; None = the built-in default recipe
+    budget: str = DEFAULT_BUDGET
+    competition: str = DEFAULT_COMPETITION
+    machine_shape: str = DEFAULT_MACHINE_SHAPE
+    bundle: str = DEFAULT_BUNDLE
+
+    def validate(self):
+        from rcic.budget import parse_duration
+        from rcic.config import load_recipe
+
+        metadata.check_owner(self.owner)
+        if not metadata.KAGGLE_NAME_RE.match(self.prefix):
+            raise UserError(f"--prefix {self.prefix!r} is not a Kaggle slug: use lowercase "
+                            f"letters, digits and hyphens, e.g. --prefix rcic-b0")
+        if not 5 <= len(self.prefix) <= 36:
+            raise UserError(f"--prefix {self.prefix!r} must have 5 to 36 characters (Kaggle's "
+                            f"slugs and titles have 5 to 50, and rcic adds '-stage-NN'), "
+                            f"e.g. --prefix rcic-b0")
+        if self.stages < 1:
+            raise UserError(f"--stages {self.stages}: a chain needs at least 1 stage")
+        if self.recipe is not None:
+            load_recipe(self.recipe)   # a missing or broken recipe fails now, not on Kaggle
+        seconds = parse_duration(self.budget)
+        if seconds >= KAGGLE_LIMIT_SECONDS:
+            raise UserError(f"--budget {self.budget} does not fit Kaggle's 9-hour limit: leave "
+                            f"room for start-up and saving, e.g. --budget {DEFAULT_BUDGET}")
+
+    def stage_slug(self, k):
+        return f"{self.prefix}-stage-{k:02d}"
+
+    def kernel_id(self, slug):
+        return f"{self.owner}/{slug}"
+
+
+def template(name):
+    """A kernel script template, shipped inside the package (rcic/kernels links ../kernels)."""
+    return resources.files("rcic").joinpath("kernels", name).read_text()
+
+
+def render_script(template_text, settings):
+    """The template with its SETTINGS line replaced by `settings` (a literal Python dict)."""
+    rendered, count = SETTINGS_LINE.subn(lambda _: f"SETTINGS = {settings!r}", template_text, 1)
+    if count != 1:
+        raise RuntimeError("kernel template has no 'SETTINGS = ...' line")
+    return rendered
+
+
+def render_chain(spec, out):
+    """Write the chain's kernel folders into `out` (which must not hold anything yet)."""
+    spec.validate()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output folder {out} exists and is not empty: choose a new --out "
+                        f"or delete it first")
+    recipe_yaml = Path(spec.recipe).read_text() if spec.recipe else ""
+    recipe_file = Path(spec.recipe).name if spec.recipe else ""
+    inputs = {"dataset_sources": [spec.kernel_id(spec.bundle)],
+              "competition_sources": [spec.competition]}
+    kernels = []
+    for k in range(1, spec.stages + 1):
+        slug = spec.stage_slug(k)
+        settings = {"kind": "stage", "stage": k, "stages": spec.stages, "budget": spec.budget,
+                    "recipe_file": recipe_file, "recipe_yaml": recipe_yaml}
+        previous = [spec.kernel_id(spec.stage_slug(k - 1))] if k > 1 else []
+        meta = metadata.kernel_metadata(
+            spec.owner, slug, f"{spec.prefix} stage {k:02d}", STAGE_SCRIPT, gpu=True,
+            machine_shape=spec.machine_shape, kernel_sources=previous, **inputs)
+        kernels.append((f"stage-{k:02d}", STAGE_SCRIPT, settings, meta))
+    meta = metadata.kernel_metadata(
+        spec.owner, f"{spec.prefix}-submit", f"{spec.prefix} submit", SUBMIT_SCRIPT, gpu=True,
+        machine_shape=spec.machine_shape,
+        kernel_sources=[spec.kernel_id(spec.stage_slug(spec.stages))], **inputs)
+    kernels.append(("submit", SUBMIT_SCRIPT, {"kind": "submit"}, meta))
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for folder, script, settings, meta in kernels:
+        (tmp / folder).mkdir(parents=True)
+        (tmp / folder / script).write_text(render_script(template(script), settings))
+        metadata.write_json(tmp / folder / metadata.KERNEL_METADATA, meta)
+        metadata.check_kernel_folder(tmp / folder)
+    metadata.write_json(tmp / CHAIN_FILE, {"kernels": [k[0] for k in kernels],
+                                           "budget": spec.budget, "stages": spec.stages})
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return [out / k[0] for k in kernels]
+
+
+def kernel_folders(chain_dir):
+    """The chain's kernel folders in the order they run, each checked against Kaggle's rules."""
+    chain = metadata.read_json(Path(chain_dir) / CHAIN_FILE)
+    folders = [Path(chain_dir) / name for name in chain["kernels"]]
+    for folder in folders:
+        metadata.check_kernel_folder(folder)
+    return folders
+
+
+def kernel_id(folder):
+    return metadata.read_json(Path(folder) / metadata.KERNEL_METADATA)["id"]
+

@@ -1,0 +1,98 @@
+"""What a rendered kernel does once rcic is installed: find its inputs, run, summarise.
+
+Inputs are found by searching the input root, never by a hard-coded path: Kaggle has mounted
+attached data at /kaggle/input/<slug>/ and at /kaggle/input/{competitions,datasets,notebooks}/...
+The search is shallow and never enters the competition folder, whose image tree holds
+hundreds of thousands of files.
+"""
+import json
+import tempfile
+from pathlib import Path
+
+from rcic.errors import UserError
+
+MAX_DEPTH = 5   # /kaggle/input/notebooks/<owner>/<slug>/<file> is depth 4
+
+
+def is_data_dir(folder):
+    return (folder / "train.csv").is_file() and (folder / "test.csv").is_file()
+
+
+def find_shallow(root, name, max_depth=MAX_DEPTH):
+    """Files called `name` under `root`, shallowest first, outside any RxRx1 data folder."""
+    found, level = [], [Path(root)]
+    for _ in range(max_depth + 1):
+        found += sorted(d / name for d in level if (d / name).is_file())
+        # Symlinked folders are followed on purpose: the local dry run links its inputs.
+        level = sorted(sub for d in level if not is_data_dir(d)
+                       for sub in d.iterdir() if sub.is_dir())
+    return found
+
+
+def find_data_dir(root):
+    """The competition data folder under `root`: the shallowest holding train.csv and test.csv."""
+    for csv in find_shallow(root, "train.csv"):
+        if is_data_dir(csv.parent):
+            return csv.parent
+    raise UserError(f"no RxRx1 data (train.csv and test.csv) under {root}: attach the "
+                    f"competition to the kernel (competition_sources in kernel-metadata.json)")
+
+
+def run_kernel(settings, input_root, working):
+    """Entry point of both kernel scripts; returns the exit status."""
+    from rcic.errors import cli_main
+    run = run_stage if settings["kind"] == "stage" else run_submit
+    return cli_main(f"rcic {settings['kind']} kernel",
+                    lambda _: run(settings, Path(input_root), Path(working)))
+
+
+def run_stage(settings, input_root, working):
+    from rcic.cli.stage import main as stage_main
+
+    data = find_data_dir(input_root)
+    argv = ["--data", str(data), "--out", str(working), "--budget", settings["budget"],
+            "--resume-from", str(input_root)]
+    if settings.get("recipe_yaml"):
+        # The recipe travels inside the script (Kaggle uploads nothing else); the stage writes
+        # it beside its checkpoint, so it is kept with the outputs either way.
+        recipe = Path(tempfile.mkdtemp(prefix="rcic-recipe-")) / settings["recipe_file"]
+        recipe.write_text(settings["recipe_yaml"])
+        argv += ["--config", str(recipe)]
+    print(f"rcic stage {settings['stage']}/{settings['stages']}: data {data}, "
+          f"budget {settings['budget']}, resuming from what {input_root} holds", flush=True)
+    status = stage_main(argv)
+    report = working / "stage.json"
+    if report.is_file():
+        r = json.loads(report.read_text())
+        print(f"rcic stage {settings['stage']}/{settings['stages']}: "
+              f"{'recipe finished' if r.get('done') else 'recipe not finished'}, "
+              f"step {r.get('global_step')}, epoch {r.get('epoch')}, "
+              f"{r.get('seconds_used', 0):.0f}s of {r.get('budget_seconds', 0):.0f}s used, "
+              f"{r.get('samples_per_second', 0):.1f} samples/s, "
+              f"about {r.get('stages_left_estimate')} more stage(s) needed", flush=True)
+    return status
+
+
+def run_submit(settings, input_root, working):
+    from rcic.cli.predict import main as predict_main
+    from rcic.weights import WEIGHTS_NAME
+
+    data = find_data_dir(input_root)
+    weights = find_shallow(input_root, WEIGHTS_NAME)
+    if not weights:
+        raise UserError(f"no {WEIGHTS_NAME} under {input_root}: attach the chain's last stage "
+                        f"kernel (kernel_sources) and check that it ended with a checkpoint")
+    for report in find_shallow(input_root, "stage.json"):
+        if not json.loads(report.read_text()).get("done"):
+            print(f"rcic submit kernel: warning: {report} says the recipe is not finished; "
+                  f"predicting with the weights trained so far", flush=True)
+    out = working / "submission.csv"
+    argv = ["--data", str(data), "--out", str(out)]
+    for path in weights:
+        argv += ["--checkpoint", str(path)]
+    print(f"rcic submit kernel: data {data}, weights {', '.join(map(str, weights))}", flush=True)
+    status = predict_main(argv)
+    if status == 0 and out.is_file():
+        rows = sum(1 for _ in out.open()) - 1
+        print(f"rcic submit kernel: wrote {out} ({rows} rows)", flush=True)
+    return status

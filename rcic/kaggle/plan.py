@@ -1,0 +1,71 @@
+"""`rcic-chain plan`: how many stages a recipe needs, from a measured training throughput.
+
+The throughput is samples (sites) per second, as a stage measures it (stage.json's
+`samples_per_second`). A stage trains for about USABLE_FRACTION of its budget: the rest goes to
+start-up, validation and the final save (the stage runner uses the same fraction for its own
+`stages_left_estimate`).
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from rcic.errors import UserError
+
+USABLE_FRACTION = 0.9
+
+
+@dataclass
+class Plan:
+    total_samples: int
+    samples_per_second: float
+    budget_seconds: float
+    stages: int
+
+    def describe(self):
+        hours = self.total_samples / self.samples_per_second / 3600
+        per_stage = self.samples_per_second * self.budget_seconds * USABLE_FRACTION
+        return (f"{self.total_samples} training samples at {self.samples_per_second:g} samples/s "
+                f"= {hours:.1f} h of training; a {self.budget_seconds / 3600:.2f} h stage trains "
+                f"about {per_stage:.0f} of them ({USABLE_FRACTION:.0%} of its budget), so the "
+                f"recipe needs {self.stages} stage(s). Render them with "
+                f"rcic-chain init --stages {self.stages} (a longer chain is harmless: stages "
+                f"after the last carry the final checkpoint forward)")
+
+
+def samples_per_second_from(stage_json):
+    path = Path(stage_json)
+    try:
+        value = json.loads(path.read_text()).get("samples_per_second")
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path} ({err}): pass a stage.json written by rcic-stage")
+    if not value:
+        raise UserError(f"{path} has no samples_per_second (the stage trained no steps): pass "
+                        f"--samples-per-second, or a stage.json of a stage that trained")
+    return float(value)
+
+
+def training_samples(recipe, train_samples=None, data=None):
+    """Samples the whole recipe trains on: max_steps worth, or epochs x the training sites."""
+    if recipe.train.max_steps:
+        return (recipe.train.max_steps * recipe.data.batch_size
+                * max(1, recipe.optim.accumulation_steps))
+    if train_samples is None:
+        from rcic.data.layout import RxRx1
+        from rcic.data.synthetic import default_data_dir
+
+        d = recipe.data
+        layout = RxRx1(data or default_data_dir(), check_images=False)
+        train_samples = len(layout.split_sites(d.val_experiments, d.cell_types, d.use_controls,
+                                               d.use_test_controls)[0])
+    if train_samples < 1:
+        raise UserError(f"--train-samples {train_samples}: must be at least 1")
+    return recipe.train.epochs * train_samples
+
+
+def plan(recipe, samples_per_second, budget_seconds, train_samples=None, data=None):
+    if not samples_per_second > 0:
+        raise UserError(f"--samples-per-second {samples_per_second}: must be above 0")
+    total = training_samples(recipe, train_samples, data)
+    per_stage = samples_per_second * budget_seconds * USABLE_FRACTION
+    return Plan(total, samples_per_second, budget_seconds, max(1, math.ceil(total / per_stage)))
