@@ -37,3 +37,7 @@ def run(argv):
 
 def main(argv=None):
     return cli_main("rcic-cache", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
