@@ -31,7 +31,7 @@ def cmd_init(args):
     spec = chain.ChainSpec(owner=args.owner, prefix=args.prefix, stages=args.stages,
                            recipe=Path(args.config), budget=args.budget,
                            competition=args.competition, machine_shape=args.machine_shape,
-                           bundle=args.bundle)
+                           bundle=args.bundle, steps_per_stage=args.steps_per_stage)
     folders = chain.render_chain(spec, args.out)
     for folder in folders:
         print(f"{folder}  {chain.kernel_id(folder)}")
@@ -106,7 +106,7 @@ def cmd_local(args):
 
     out = Path(args.out) if args.out else Path("runs") / "local-chain"
     result = run_local_chain(args.stages, args.budget, out, recipe=args.config, data=args.data,
-                             grace_seconds=args.grace)
+                             steps_per_stage=args.steps_per_stage, grace_seconds=args.grace)
     for k in result["kernels"]:
         print(f"{k['name']:10s} exit {k['status']}  {k['seconds']:.1f}s")
     print(f"submission: {result['submission']}")
@@ -124,13 +124,15 @@ def build_parser():
     s.add_argument("--config", required=True, help="recipe YAML file, embedded in each stage")
     s.add_argument("--competition", default=chain.DEFAULT_COMPETITION)
     s.add_argument("--machine-shape", default=chain.DEFAULT_MACHINE_SHAPE,
-                   help=f"Kaggle accelerator of every kernel (default {chain.DEFAULT_MACHINE_SHAPE})")
+                   help=f"Kaggle accelerator (default {chain.DEFAULT_MACHINE_SHAPE})")
     s.add_argument("--budget", default=chain.DEFAULT_BUDGET,
                    help=f"training budget of each stage (default {chain.DEFAULT_BUDGET}: Kaggle "
                         f"kills a session at 9 h, and start-up and saving need the rest)")
     s.add_argument("--bundle", default=chain.DEFAULT_BUNDLE,
                    help=f"slug of your bundle dataset (default {chain.DEFAULT_BUNDLE})")
     s.add_argument("--out", required=True, help="folder to render into (new or empty)")
+    s.add_argument("--steps-per-stage", type=whole_number, default=0,
+                   help="also stop each stage after N optimizer steps (default 0: budget only)")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("push", help="push the kernels in order, waiting for each")
@@ -168,6 +170,8 @@ def build_parser():
     s.add_argument("--out", help="new folder for the run (default runs/local-chain)")
     s.add_argument("--grace", type=float, default=15.0,
                    help="seconds past the budget before a stage is killed (default 15)")
+    s.add_argument("--steps-per-stage", type=whole_number, default=0,
+                   help="also stop each stage after N optimizer steps (default 0: budget only)")
     s.set_defaults(func=cmd_local)
     return p
 

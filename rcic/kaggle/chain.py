@@ -41,6 +41,7 @@ class ChainSpec:
     competition: str = DEFAULT_COMPETITION
     machine_shape: str = DEFAULT_MACHINE_SHAPE
     bundle: str = DEFAULT_BUNDLE
+    steps_per_stage: int = 0       # 0 = train until the budget; N = stop each stage after N steps
 
     def validate(self):
         from rcic.budget import parse_duration
@@ -54,6 +55,9 @@ class ChainSpec:
             raise UserError(f"--prefix {self.prefix!r} must have 5 to 36 characters (Kaggle's "
                             f"slugs and titles have 5 to 50, and rcic adds '-stage-NN'), "
                             f"e.g. --prefix rcic-b0")
+        if self.steps_per_stage < 0:
+            raise UserError(f"--steps-per-stage {self.steps_per_stage}: must be 0 (no limit) "
+                            f"or more")
         if self.stages < 1:
             raise UserError(f"--stages {self.stages}: a chain needs at least 1 stage")
         if self.recipe is not None:
@@ -98,7 +102,8 @@ def render_chain(spec, out):
     for k in range(1, spec.stages + 1):
         slug = spec.stage_slug(k)
         settings = {"kind": "stage", "stage": k, "stages": spec.stages, "budget": spec.budget,
-                    "recipe_file": recipe_file, "recipe_yaml": recipe_yaml}
+                    "steps": spec.steps_per_stage, "recipe_file": recipe_file,
+                    "recipe_yaml": recipe_yaml}
         previous = [spec.kernel_id(spec.stage_slug(k - 1))] if k > 1 else []
         meta = metadata.kernel_metadata(
             spec.owner, slug, f"{spec.prefix} stage {k:02d}", STAGE_SCRIPT, gpu=True,

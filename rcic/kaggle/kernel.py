@@ -58,18 +58,23 @@ def run_stage(settings, input_root, working):
         recipe = Path(tempfile.mkdtemp(prefix="rcic-recipe-")) / settings["recipe_file"]
         recipe.write_text(settings["recipe_yaml"])
         argv += ["--config", str(recipe)]
+    if settings.get("steps"):
+        argv += ["--steps", str(settings["steps"])]
     print(f"rcic stage {settings['stage']}/{settings['stages']}: data {data}, "
           f"budget {settings['budget']}, resuming from what {input_root} holds", flush=True)
     status = stage_main(argv)
     report = working / "stage.json"
     if report.is_file():
         r = json.loads(report.read_text())
+        speed = r.get("samples_per_second")
         print(f"rcic stage {settings['stage']}/{settings['stages']}: "
               f"{'recipe finished' if r.get('done') else 'recipe not finished'}, "
               f"step {r.get('global_step')}, epoch {r.get('epoch')}, "
-              f"{r.get('seconds_used', 0):.0f}s of {r.get('budget_seconds', 0):.0f}s used, "
-              f"{r.get('samples_per_second', 0):.1f} samples/s, "
-              f"about {r.get('stages_left_estimate')} more stage(s) needed", flush=True)
+              f"{r.get('seconds_used', 0):.0f}s of {r.get('budget_seconds', 0):.0f}s used"
+              + (f", {speed:.1f} samples/s" if speed else ", no training this stage")
+              + (f", about {r['stages_left_estimate']} more stage(s) needed"
+                 if not r.get("done") and r.get("stages_left_estimate") is not None else ""),
+              flush=True)
     return status
 
 

@@ -13,6 +13,7 @@ One difference, on purpose: kernels run with this Python and the rcic it already
 (RCIC_SKIP_INSTALL=1) instead of pip-installing the bundle into a fresh environment per
 kernel. The offline install itself is tested on its own (tests/test_bundle_install.py).
 """
+import io
 import os
 import shutil
 import signal
@@ -64,11 +65,12 @@ def run_script(script, input_root, working, limit_seconds, log_path, echo):
     start = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(script)], cwd=working, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
         def copy_output():
-            for line in proc.stdout:
+            # newline="": keep tqdm's carriage-return updates on one line, as a terminal shows.
+            for line in io.TextIOWrapper(proc.stdout, newline="", errors="replace"):
                 log.write(line)
                 echo(line.rstrip("\n"))
 
@@ -85,7 +87,8 @@ def run_script(script, input_root, working, limit_seconds, log_path, echo):
     return proc.returncode, time.monotonic() - start, killed
 
 
-def run_local_chain(stages, budget, out, recipe=None, data=None, grace_seconds=15.0, echo=print):
+def run_local_chain(stages, budget, out, recipe=None, data=None, steps_per_stage=0,
+                    grace_seconds=15.0, echo=print):
     """Render and run a chain of `stages` stages and a submission kernel under `out`.
 
     Returns {"kernels": [{"name", "seconds", "status"}], "submission": path}.
@@ -100,7 +103,8 @@ def run_local_chain(stages, budget, out, recipe=None, data=None, grace_seconds=1
                         f"delete it first")
     data = Path(data) if data else default_data_dir()
     spec = chain.ChainSpec(owner=LOCAL_OWNER, prefix=LOCAL_PREFIX, stages=stages, budget=budget,
-                           recipe=Path(recipe) if recipe else None)
+                           recipe=Path(recipe) if recipe else None,
+                           steps_per_stage=steps_per_stage)
     folders = chain.render_chain(spec, out / "kernels")
     stage_limit = parse_duration(budget) + grace_seconds
 

@@ -1,4 +1,4 @@
-"""kernel-metadata.json and dataset-metadata.json: build them, and check them against Kaggle's rules.
+"""kernel-metadata.json and dataset-metadata.json: build them, check them against Kaggle's rules.
 
 The rules are the ones the `kaggle` client (2.2.x) and the server enforce, checked here first so a
 mistake shows up at `rcic-chain init` instead of as a rejected push hours into a chain.

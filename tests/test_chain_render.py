@@ -1,0 +1,193 @@
+"""rcic-chain init: rendered kernels obey Kaggle's metadata rules and carry their settings;
+bad input is one line and exit 2; inputs are found by searching; plan's arithmetic."""
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rcic.cli.chain import main
+from rcic.config import load_recipe
+from rcic.errors import UserError
+from rcic.kaggle import chain, metadata
+from rcic.kaggle.kernel import find_data_dir, find_shallow
+from rcic.kaggle.plan import plan
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = "name: t\ndata:\n  batch_size: 8\ntrain:\n  epochs: 2\n"
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+def init(tmp_path, recipe, *extra):
+    out = tmp_path / "chain"
+    argv = ["init", "--owner", "jdoe", "--prefix", "rcic-b0", "--stages", "3",
+            "--config", str(recipe), "--out", str(out), *extra]
+    return main(argv), out
+
+
+def settings_of(script):
+    line = next(l for l in script.read_text().splitlines() if l.startswith("SETTINGS = "))
+    return ast.literal_eval(line[len("SETTINGS = "):])
+
+
+def test_rendered_chain_follows_kaggle_rules(tmp_path, recipe):
+    status, out = init(tmp_path, recipe)
+    assert status == 0
+    assert json.loads((out / "chain.json").read_text())["kernels"] == [
+        "stage-01", "stage-02", "stage-03", "submit"]
+    metas = {}
+    for folder in chain.kernel_folders(out):
+        text = (folder / metadata.KERNEL_METADATA).read_text()
+        meta = json.loads(text)
+        assert metadata.kernel_problems(meta, folder) == []
+        # Stated explicitly, as a JSON boolean: the client's default would be true.
+        assert '"enable_internet": false' in text
+        assert meta["is_private"] is True and meta["enable_gpu"] is True
+        assert meta["language"] == "python" and meta["kernel_type"] == "script"
+        assert (folder / meta["code_file"]).is_file()
+        owner, slug = meta["id"].split("/")
+        assert owner == "jdoe" and len(slug) >= 5 and len(meta["title"]) >= 5
+        # Kaggle warns when a title does not slugify to the id.
+        assert re.sub(r"[^a-z0-9]+", "-", meta["title"].lower()) == slug
+        assert meta["dataset_sources"] == ["jdoe/rcic-package"]
+        assert meta["competition_sources"] == ["recursion-cellular-image-classification"]
+        assert meta["machine_shape"] == "NvidiaTeslaT4"
+        metas[folder.name] = meta
+    assert metas["stage-01"]["kernel_sources"] == []
+    assert metas["stage-02"]["kernel_sources"] == ["jdoe/rcic-b0-stage-01"]
+    assert metas["stage-03"]["kernel_sources"] == ["jdoe/rcic-b0-stage-02"]
+    assert metas["submit"]["kernel_sources"] == ["jdoe/rcic-b0-stage-03"]
+    assert metas["submit"]["code_file"] == "submit_kernel.py"
+
+
+def test_scripts_carry_their_settings_and_nothing_else_changes(tmp_path, recipe):
+    status, out = init(tmp_path, recipe, "--budget", "7h30m", "--machine-shape", "NvidiaTeslaA100")
+    assert status == 0
+    template = (REPO / "kernels" / "stage_kernel.py").read_text().splitlines()
+    for k in (1, 2, 3):
+        script = out / f"stage-{k:02d}" / "stage_kernel.py"
+        compile(script.read_text(), str(script), "exec")
+        s = settings_of(script)
+        assert (s["kind"], s["stage"], s["stages"], s["budget"]) == ("stage", k, 3, "7h30m")
+        assert s["recipe_yaml"] == RECIPE and s["recipe_file"] == "recipe.yaml"
+        changed = [a for a, b in zip(template, script.read_text().splitlines()) if a != b]
+        assert len(changed) == 1 and changed[0].startswith("SETTINGS = ")
+        meta = json.loads((script.parent / metadata.KERNEL_METADATA).read_text())
+        assert meta["machine_shape"] == "NvidiaTeslaA100"
+    assert settings_of(out / "submit" / "submit_kernel.py")["kind"] == "submit"
+
+
+def test_default_budget_fits_a_nine_hour_kernel():
+    from rcic.budget import parse_duration
+    assert 8 * 3600 <= parse_duration(chain.DEFAULT_BUDGET) < chain.KAGGLE_LIMIT_SECONDS
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (["--prefix", "ab"], "--prefix 'ab'"),
+    (["--prefix", "Bad_Slug"], "not a Kaggle slug"),
+    (["--stages", "0"], "at least 1 stage"),
+    (["--budget", "3600"], "not a duration"),
+    (["--budget", "10h"], "9-hour limit"),
+    (["--config", "missing.yaml"], "does not exist"),
+    (["--owner", "a/b"], "not a Kaggle user name"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, recipe, capsys, change, fragment):
+    argv = ["init", "--owner", "jdoe", "--prefix", "rcic-b0", "--stages", "3",
+            "--config", str(recipe), "--out", str(tmp_path / "chain")]
+    flag, value = change
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err
+    assert not (tmp_path / "chain").exists()
+
+
+def test_existing_chain_is_not_overwritten(tmp_path, recipe, capsys):
+    status, out = init(tmp_path, recipe)
+    before = (out / "stage-01" / "stage_kernel.py").read_text()
+    assert init(tmp_path, recipe, "--budget", "1h")[0] == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "stage-01" / "stage_kernel.py").read_text() == before
+
+
+def test_metadata_checker_names_each_broken_rule(tmp_path):
+    (tmp_path / "k.py").write_text("print(1)\n")
+    good = metadata.kernel_metadata("jdoe", "rcic-b0-stage-01", "rcic-b0 stage 01", "k.py",
+                                    gpu=True)
+    assert metadata.kernel_problems(good, tmp_path) == []
+    broken = [({"id": "jdoe/abc"}, "shorter than 5"), ({"title": "abc"}, "title"),
+              ({"code_file": "missing.py"}, "code_file"), ({"language": "r"}, "language"),
+              ({"kernel_type": "app"}, "kernel_type"), ({"enable_gpu": "true"}, "boolean"),
+              ({"kernel_sources": ["nobody"]}, "kernel_sources")]
+    for change, fragment in broken:
+        problems = metadata.kernel_problems({**good, **change}, tmp_path)
+        assert len(problems) == 1 and fragment in problems[0], (change, problems)
+    no_internet_line = {k: v for k, v in good.items() if k != "enable_internet"}
+    assert "enable_internet" in metadata.kernel_problems(no_internet_line, tmp_path)[0]
+
+
+def test_bundle_metadata_template_matches_the_default_bundle_slug():
+    template = json.loads((REPO / "dataset-metadata.json").read_text())
+    meta = metadata.dataset_metadata(template, "jdoe")
+    assert meta["id"] == f"jdoe/{chain.DEFAULT_BUNDLE}" and len(meta["licenses"]) == 1
+    with pytest.raises(UserError, match="title"):
+        metadata.dataset_metadata({**template, "title": "rcic"}, "jdoe")
+
+
+def test_importing_rcic_chain_never_imports_kaggle():
+    code = ("import sys, rcic.cli.chain, rcic.kaggle.chain, rcic.kaggle.local, "
+            "rcic.kaggle.kernel, rcic.kaggle.bundle, rcic.kaggle.plan, rcic.kaggle.client; "
+            "assert 'kaggle' not in sys.modules, 'kaggle was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def make_data(folder):
+    folder.mkdir(parents=True)
+    for name in ("train.csv", "test.csv"):
+        (folder / name).write_text("id_code\n")
+
+
+@pytest.mark.parametrize("layout", [
+    {"data": "recursion-cellular-image-classification", "prev": "rcic-b0-stage-01"},
+    {"data": "competitions/recursion-cellular-image-classification",
+     "prev": "notebooks/jdoe/rcic-b0-stage-01"},
+])
+def test_inputs_are_found_by_searching_either_kaggle_layout(tmp_path, layout):
+    root = tmp_path / "input"
+    make_data(root / layout["data"])
+    # A weights file inside the data folder's image tree must never be picked up.
+    (root / layout["data"] / "train" / "HEPG2-01").mkdir(parents=True)
+    (root / layout["data"] / "train" / "HEPG2-01" / "weights.pt").write_bytes(b"x")
+    (root / layout["prev"]).mkdir(parents=True)
+    (root / layout["prev"] / "weights.pt").write_bytes(b"w")
+    assert find_data_dir(root) == root / layout["data"]
+    assert find_shallow(root, "weights.pt") == [root / layout["prev"] / "weights.pt"]
+    with pytest.raises(UserError, match="no RxRx1 data"):
+        find_data_dir(root / layout["prev"])
+
+
+def test_plan_counts_stages_from_throughput(tmp_path, recipe, capsys):
+    steps = load_recipe(recipe, ["train.max_steps=1000"])   # 1000 steps x 8 samples
+    p = plan(steps, samples_per_second=1.0, budget_seconds=1000.0)
+    assert p.total_samples == 8000 and p.stages == 9           # 900 usable samples a stage
+    by_epoch = plan(load_recipe(recipe), 10.0, 3600.0, train_samples=50_000)
+    assert by_epoch.total_samples == 100_000 and by_epoch.stages == 4
+    stage_json = tmp_path / "stage.json"
+    stage_json.write_text(json.dumps({"samples_per_second": 10.0}))
+    assert main(["plan", "--from-stage-json", str(stage_json), "--config", str(recipe),
+                 "--budget", "1h", "--train-samples", "50000"]) == 0
+    assert "needs 4 stage(s)" in capsys.readouterr().out
+    assert main(["plan", "--config", str(recipe), "--budget", "1h"]) == 2
+    assert "exactly one of" in capsys.readouterr().err
