@@ -1,0 +1,235 @@
+"""From trained weights to a checked submission: sites x TTA views x checkpoints -> plates -> CSV.
+
+Everything is averaged as *probabilities over the treatment classes* (softmax of the first
+n_treatments scores; control classes are dropped because every test well is a treatment):
+- probabilities are on one scale whatever the head (linear logits, scale * cosine, summed
+  log-probabilities of ce+arcface) or temperature of a checkpoint, so an ensemble of unlike
+  models is a fair vote, where averaging raw logits would let the sharpest model dominate;
+- the plate step needs probabilities anyway (mass per group, log-probabilities to assign);
+- a mean of probabilities cannot be ruined by one view or site with an extreme logit.
+Order: TTA views of a site, then the two sites of a well, then checkpoints.
+
+Checkpoints trained on some cell types (recipe.data.cell_types) predict only those; the
+others predict every cell type they know. Where both kinds cover a well, the mean of the
+specialists and the mean of the generalists get equal weight, so one fine-tuned specialist
+is not drowned by several general models, nor the reverse.
+"""
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from rcic.data.dataset import Normalizer, SiteDataset, make_loader
+from rcic.errors import UserError
+from rcic.plates import MODES, PlateStructure, plate_step
+from rcic.submission import check_submission, write_submission
+from rcic.weights import find_weights, load_weights
+
+log = logging.getLogger("rcic")
+FAMILIES = ("specialist", "generalist")
+REPORT_NAME = "predict_report.json"
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible: use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_checkpoints(paths, roots):
+    """Weights files to ensemble: each --checkpoint (a file, or the newest under a folder);
+    with none, the newest finished weights under `roots` (else the newest unfinished)."""
+    if paths:
+        out = []
+        for path in map(Path, paths):
+            found = find_weights([path]) if path.is_dir() else [path] if path.is_file() else []
+            if not found:
+                raise UserError(f"--checkpoint {path}: no weights file there: pass a weights.pt "
+                                f"or a stage output folder that holds one")
+            out.append(found[0])
+        return out
+    found = find_weights(roots)
+    if not found:
+        raise UserError(f"no weights.pt under {', '.join(map(str, roots))}: train with "
+                        f"rcic-stage first, or pass --checkpoint PATH")
+    finished = [p for p in found if _meta(p).get("done")]
+    if not finished:
+        log.warning("no finished weights found: predicting with the unfinished %s", found[0])
+    return [(finished or found)[0]]
+
+
+def _meta(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["meta"]
+    except Exception:    # unreadable: never chosen as finished; load_weights reports it clearly
+        return {}
+
+
+@dataclass
+class Member:
+    """One checkpoint of the ensemble and the cell types it predicts."""
+    path: Path
+    model: torch.nn.Module
+    recipe: object
+    meta: dict
+
+    @property
+    def specialist(self):
+        return bool(self.recipe.data.cell_types)
+
+    @property
+    def cell_types(self):
+        return list(self.recipe.data.cell_types) or list(self.meta["cell_types"])
+
+
+def load_member(path, data, device):
+    model, recipe, meta = load_weights(path, device)
+    if meta["n_treatments"] != data.n_treatments:
+        raise UserError(f"weights {path} were trained with {meta['n_treatments']} treatment "
+                        f"classes but {data.root} has {data.n_treatments}: predict with weights "
+                        f"trained on this data")
+    return Member(Path(path), model, recipe, meta)
+
+
+def view_probabilities(model, x, cell_type, views, n_treatments):
+    """Mean over TTA views of the softmax over the treatment classes, [B, n_treatments]."""
+    total = 0
+    for view in views:
+        scores = model.logits(model(view.apply(x), cell_type)).float()
+        total = total + torch.softmax(scores[:, :n_treatments], dim=1)
+    return total / len(views)
+
+
+@torch.inference_mode()
+def site_probabilities(member, data, sites, views, batch_size, device, workers=0, cache=""):
+    """Probabilities of every row of `sites`, [len(sites), n_treatments] float32."""
+    recipe = member.recipe
+    recipe.data.cache = cache     # the recipe's own cache path belongs to the training machine
+    dataset = SiteDataset(data, sites, recipe, train=False, cell_types=member.meta["cell_types"])
+    normalize = Normalizer.for_dataset(data, dataset).to(device)
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=workers,
+                         pin_memory=device.type == "cuda")
+    amp = device.type == "cuda" and recipe.optim.amp
+    out = np.zeros((len(sites), data.n_treatments), np.float32)
+    for batch in tqdm(loader, desc=f"predict {member.path}", disable=None, leave=False):
+        images = batch["image"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            x = normalize(images, batch["norm_idx"].to(device))
+            probs = view_probabilities(member.model, x, batch["cell_type"].to(device), views,
+                                       data.n_treatments)
+        out[batch["index"].numpy()] = probs.float().cpu().numpy()
+    return out
+
+
+def well_probabilities(sites, site_probs, id_codes):
+    """Mean over the sites of each well, in the order of `id_codes`."""
+    frame = pd.DataFrame(site_probs).groupby(sites["id_code"].to_numpy()).mean()
+    return frame.reindex(id_codes).to_numpy(np.float32)
+
+
+class Ensemble:
+    """Accumulates well probabilities per family (specialist / generalist), then combines."""
+
+    def __init__(self, n_wells, n_classes):
+        self.sums = {f: np.zeros((n_wells, n_classes), np.float64) for f in FAMILIES}
+        self.counts = {f: np.zeros(n_wells) for f in FAMILIES}
+
+    def add(self, family, rows, probs):
+        self.sums[family][rows] += probs
+        self.counts[family][rows] += 1
+
+    def covered(self):
+        return sum(self.counts.values()) > 0
+
+    def probabilities(self):
+        """Per well: the mean over families that cover it of each family's mean."""
+        total, families = 0, 0
+        for f in FAMILIES:
+            has = self.counts[f] > 0
+            mean = np.divide(self.sums[f], self.counts[f][:, None], where=has[:, None],
+                             out=np.zeros_like(self.sums[f]))
+            total, families = total + mean, families + has
+        return total / np.maximum(families, 1)[:, None]
+
+
+def predict(data, checkpoints, out, views, plates="assign", batch_size=64, device="cpu",
+            workers=0, cache=""):
+    """Write and validate the submission; return the report (also saved beside it)."""
+    if plates not in MODES:
+        raise UserError(f"--plates {plates}: choose one of {', '.join(MODES)}")
+    sites = data.test_sites()
+    wells = sites.drop_duplicates("id_code").reset_index(drop=True)
+    ensemble = Ensemble(len(wells), data.n_treatments)
+    used = []
+    for path in checkpoints:
+        member = load_member(path, data, device)
+        mine = sites["cell_type"].isin(member.cell_types).to_numpy()
+        if not mine.any():
+            log.warning("weights %s cover none of the test cell types: skipped", path)
+            continue
+        log.info("predicting %d test sites (%s) with %s", mine.sum(),
+                 ", ".join(sorted(sites.loc[mine, "cell_type"].unique())), path)
+        part = sites[mine].reset_index(drop=True)
+        probs = site_probabilities(member, data, part, views, batch_size, device, workers, cache)
+        ids = part["id_code"].drop_duplicates()
+        rows = wells.index[wells["id_code"].isin(ids)].to_numpy()
+        ensemble.add("specialist" if member.specialist else "generalist", rows,
+                     well_probabilities(part, probs, wells["id_code"].to_numpy()[rows]))
+        used.append({"path": str(path), "cell_types": member.cell_types,
+                     "step": member.meta.get("step"), "done": member.meta.get("done")})
+        del member
+    uncovered = sorted(wells.loc[~ensemble.covered(), "cell_type"].unique())
+    if uncovered:
+        raise UserError(f"no checkpoint predicts cell type(s) {', '.join(uncovered)}: add "
+                        f"--checkpoint weights trained on them (or on all cell types)")
+    probs = ensemble.probabilities()
+
+    structure = PlateStructure.learn(data.wells, data.n_treatments) if plates != "off" else None
+    pred = plate_step(plates, wells, probs, structure)
+    out = write_submission(out, wells["id_code"], pred)
+    check_submission(out, data.root)
+    report = {"submission": str(out), "rows": len(wells), "tta_views": [v.name for v in views],
+              "plates": plates, "checkpoints": used}
+    if data.answers is not None:
+        report.update(score(data, wells, probs, structure))
+    (out.parent / REPORT_NAME).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def score(data, wells, probs, structure=None):
+    """Accuracy against the answer key with each plate mode, overall and per cell type, and
+    how many test plates got their siRNA group right."""
+    truth = wells["id_code"].map(data.answers.set_index("id_code")["sirna"])
+    if truth.isna().any():
+        raise UserError(f"{data.root}/test_answers.csv lacks {int(truth.isna().sum())} test "
+                        f"id(s), e.g. {wells['id_code'][truth.isna()].iloc[0]}: regenerate it")
+    truth = truth.to_numpy(int)
+    if structure is None:
+        try:
+            structure = PlateStructure.learn(data.wells, data.n_treatments)
+        except UserError as err:
+            log.warning("accuracy without the plate step only: %s", err)
+    accuracy = {}
+    for mode in ("off", "mask", "assign") if structure is not None else ("off",):
+        correct = plate_step(mode, wells, probs, structure) == truth
+        by_cell = pd.Series(correct).groupby(wells["cell_type"].to_numpy()).mean()
+        accuracy[mode] = {"overall": float(correct.mean()),
+                          "per_cell_type": {c: float(a) for c, a in by_cell.items()}}
+    result = {"accuracy": accuracy}
+    if structure is not None:
+        group_of = np.zeros(data.n_treatments, int)
+        for g, members in enumerate(structure.groups):
+            group_of[members] = g
+        right = pd.Series(structure.infer_groups(wells, probs) == group_of[truth]).groupby(
+            (wells["experiment"] + "_" + wells["plate"].astype(str)).to_numpy()).all()
+        result["plate_groups_correct"] = f"{int(right.sum())}/{len(right)}"
+    return result
