@@ -151,7 +151,7 @@ def _rename_into_place(tmp, final):
         raise
     _fsync_dir(final.parent)
     if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove(aside)
     return final
 
 
@@ -186,7 +186,13 @@ def _prune(out_dir, new, step, recipe_hash, keep):
 
 
 def _remove(path):
+    """Delete a checkpoint folder so that a kill midway leaves no half-deleted checkpoint: first
+    rename it to a temporary name (which discovery ignores and the next commit clears)."""
     try:
+        if not path.name.startswith(_TMP_PREFIX):
+            trash = path.with_name(f"{_TMP_PREFIX}removing-{secrets.token_hex(4)}")
+            os.rename(path, trash)
+            path = trash
         shutil.rmtree(path)
     except OSError as err:
         log.warning("could not remove %s (%s); it does no harm", path, err.strerror or err)
