@@ -90,6 +90,15 @@ def test_cache_reads_in_dataloader_workers_and_after_pickling(data, built, fmt):
     np.testing.assert_array_equal(torch.cat(list(loader)).numpy(), expected)
 
 
+def test_raw_cache_from_a_zlib_cache_is_identical_to_one_from_pngs(data, built, tmp_path):
+    expanded = build_cache(data, tmp_path / "raw", 20, workers=2, progress=False,
+                           source=built("zlib", 20))
+    assert tree_digest(expanded) == tree_digest(built("raw", 20))
+    with pytest.raises(UserError, match="holds 20 px images"):
+        build_cache(data, tmp_path / "raw32", 32, progress=False, source=built("zlib", 20))
+    assert not (tmp_path / "raw32").exists()
+
+
 def test_rebuild_of_a_complete_cache_changes_nothing(data, built):
     folder = built("raw", 32)
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}

@@ -26,11 +26,15 @@ def run(argv):
     parser.add_argument("--format", choices=FORMATS, default="raw",
                         help="raw: memory-mapped uint8, fastest reads; zlib: about half the "
                              "bytes (fits Kaggle's 20 GB output at 256 px)")
+    parser.add_argument("--from", dest="source", type=Path,
+                        help="copy the sites from this cache of the same data and size instead "
+                             "of decoding PNGs (e.g. a zlib cache into a raw one on local disk)")
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be 1 or more")
     data = RxRx1(args.data if args.data is not None else default_data_dir())
-    out = build_cache(data, args.out, args.size, workers=args.workers, format=args.format)
+    out = build_cache(data, args.out, args.size, workers=args.workers, format=args.format,
+                      source=args.source)
     print(f"rcic-cache: {len(data.sites)} sites at {args.size} px ({args.format}) in {out}",
           file=sys.stderr)
 

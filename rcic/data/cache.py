@@ -115,11 +115,21 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def build_chunk(folder, name, fmt, size, site_paths):
-    """Decode one plate's sites into its chunk file; then mark it done. Runs in a worker.
+_source = None   # in a build worker: the SiteCache the sites are copied from, or None: PNGs
 
-    The file is written under a name of this process's own, so a leftover process of a killed
-    build can never write into the file of the rerun; the rename and then the marker commit it.
+
+def start_worker(source):
+    # Handed over once per worker, not once per plate: its index holds every site.
+    global _source
+    _source = source
+
+
+def build_chunk(folder, name, fmt, size, sites):
+    """Write one plate's sites (id_code, site, PNG paths) into its chunk file; mark it done.
+
+    Runs in a worker. The file is written under a name of this process's own, so a leftover
+    process of a killed build never writes into the rerun's file; the rename and then the
+    marker commit it.
     """
     chunks = Path(folder) / CHUNKS
     final = chunks / f"{name}{SUFFIX[fmt]}"
@@ -129,10 +139,11 @@ def build_chunk(folder, name, fmt, size, site_paths):
         if fmt == "raw":
             np.lib.format.write_array_header_1_0(f, {
                 "descr": "|u1", "fortran_order": False,
-                "shape": (len(site_paths), layout.CHANNELS, size, size)})
-        for paths in site_paths:
+                "shape": (len(sites), layout.CHANNELS, size, size)})
+        for id_code, site, paths in sites:
+            pixels = _source.read(id_code, site) if _source else decode_site(paths, size)
             start = f.tell()
-            f.write(encode(fmt, decode_site(paths, size)))
+            f.write(encode(fmt, pixels))
             ranges.append([start, f.tell()])
         f.flush()
         os.fsync(f.fileno())
@@ -185,11 +196,13 @@ def claim_folder(out, spec):
     return False
 
 
-def build_cache(data, out, size, workers=None, progress=True, format="raw"):
+def build_cache(data, out, size, workers=None, progress=True, format="raw", source=None):
     """Decode every site of `data` at `size` px into a cache folder `out`; resumable. -> out.
 
     A rerun after an interruption keeps every committed plate. A folder that already holds
-    this cache, complete, is verified and left as it is.
+    this cache, complete, is verified and left as it is. `source`: a cache folder of the same
+    data and size to copy the sites from instead of decoding PNGs (e.g. expand a zlib cache
+    from a kernel's input into a raw one on local disk); the result is the same, byte for byte.
     """
     if format not in FORMATS:
         raise UserError(f"cache format {format!r} is unknown: use one of {', '.join(FORMATS)}")
@@ -198,6 +211,10 @@ def build_cache(data, out, size, workers=None, progress=True, format="raw"):
         raise UserError(f"--size {size}: must be a whole number of pixels from 8 to the images' "
                         f"own size {min(native)} of {data.root}")
     out = Path(out)
+    if source is not None:
+        if Path(source).resolve() == out.resolve():
+            raise UserError(f"--from {source} is the --out folder itself: build into another --out")
+        source = open_cache(source, data, size)
     spec = {"format_version": FORMAT_VERSION, "format": format, "size": size,
             "channels": layout.CHANNELS, "n_sites": len(data.sites), "data": data_identity(data)}
     if claim_folder(out, spec):
@@ -219,9 +236,11 @@ def build_cache(data, out, size, workers=None, progress=True, format="raw"):
     sites = list(data.sites.itertuples(index=False))
     with tqdm(total=len(data.sites), initial=done_sites, unit="site", disable=not progress,
               desc=f"rcic-cache {size}px {format}") as bar, \
-            ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+            ProcessPoolExecutor(max_workers=workers or os.cpu_count(), initializer=start_worker,
+                                initargs=(source,)) as pool:
         jobs = {pool.submit(build_chunk, str(out), name, format, size,
-                            [[str(p) for p in data.paths(sites[i])] for i in plan[name]]): name
+                            [(sites[i].id_code, int(sites[i].site),
+                              [str(p) for p in data.paths(sites[i])]) for i in plan[name]]): name
                 for name in todo}
         for job in as_completed(jobs):
             markers[jobs[job]] = job.result()
