@@ -163,7 +163,7 @@ def _prune(out_dir, new, step, recipe_hash, keep):
     older = []
     for entry in os.scandir(out_dir):
         path = Path(entry.path)
-        if path == new or not entry.is_dir(follow_symlinks=False):
+        if entry.name == new.name or not entry.is_dir(follow_symlinks=False):
             continue
         if entry.name.startswith(_TMP_PREFIX):
             _remove(path)
@@ -406,7 +406,8 @@ def load_state(ref):
     try:
         return torch.load(ref.path / STATE, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise UserError(f"checkpoint {ref.path} cannot be loaded ({err}): "
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"checkpoint {ref.path} cannot be loaded ({first_line}): "
                         "delete it or resume from another folder") from err
 
 

@@ -129,6 +129,16 @@ def test_checkpoint_of_a_newer_rcic_is_refused(tmp_path):
     assert load_state(latest_checkpoint(tmp_path))["step"] == 1
 
 
+def test_a_checkpoint_damaged_after_discovery_fails_to_load_with_one_line(tmp_path):
+    ref = latest_checkpoint(_save(tmp_path, 1, x=MEDIUM).parent)
+    data = (ref.path / "state.pt").read_bytes()
+    (ref.path / "state.pt").write_bytes(data[:1000])
+    with pytest.raises(UserError) as err:
+        load_state(ref)
+    assert str(err.value).startswith(f"checkpoint {ref.path} cannot be loaded (")
+    assert "\n" not in str(err.value)
+
+
 def test_copy_carries_a_checkpoint_forward(tmp_path):
     ref = latest_checkpoint(_save(tmp_path / "old", 8, done=True, extra_files={"w.bin": b"abc"}).parent)
     copied = copy_checkpoint(ref, tmp_path / "new")
