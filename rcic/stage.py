@@ -80,8 +80,9 @@ def all_agree(flag, world, device):
 
 
 class Stage:
-    def __init__(self, recipe, data, out, budget, resume_roots):
+    def __init__(self, recipe, data, out, budget, resume_roots, max_steps=0):
         self.recipe, self.data, self.out, self.budget = recipe, data, Path(out), budget
+        self.max_steps = max_steps    # optimizer steps this stage may take (0 = no limit)
         self.resume_roots = resume_roots
         self.times = DurationEstimator()
         self.stop = StopRequest()
@@ -96,15 +97,19 @@ class Stage:
     # -- budget -----------------------------------------------------------------------------
     def fits(self, kind):
         """Does one more unit of `kind` plus the final save still fit in the budget?"""
-        need = self.times.estimate(kind) + self.times.estimate("save")
+        # Before the first step is measured nothing is known about it; the final save is.
+        need = self.times.estimate(kind, default=0.0) + self.times.estimate("save")
         return all_agree(self.budget.fits(need) and not self.stop.requested, self.world, self.device)
 
     # -- run --------------------------------------------------------------------------------
     def run(self):
         if self.is_main:
             check_writable(self.out)
-        trainer = Trainer(self.recipe, self.data, self.device, self.world, self.rank)
         ref = find_resume_point(self.resume_roots, self.recipe)
+        # Pretrained weights matter only for a fresh start: a resumed stage (or a Kaggle kernel
+        # without the weights file attached) takes every weight from the checkpoint.
+        fresh = ref is None and not self.recipe.train.init_from
+        trainer = Trainer(self.recipe, self.data, self.device, self.world, self.rank, fresh)
         if ref is not None:
             trainer.load_state_dict(checkpoint.load_state(ref))
             self.resumed_from = ref
@@ -154,7 +159,7 @@ class Stage:
             for group in trainer.step_groups():
                 if trainer.global_step >= trainer.total_steps:
                     break
-                if not self.fits("step"):
+                if not self.fits("step") or self.steps_this_stage == (self.max_steps or -1):
                     stopped = True
                     break
                 trainer.train_step(group)
@@ -254,7 +259,12 @@ class Stage:
             writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        plot_curves(rows, self.out / "curves.png", self.recipe.name)
+        # The plot is a nicety: importing matplotlib alone can take seconds on a busy machine.
+        if self.budget.fits(self.times.estimate("plot", default=3.0)):
+            with self.times.timer("plot"):
+                plot_curves(rows, self.out / "curves.png", self.recipe.name)
+        else:
+            log.warning("no time left in the budget for curves.png: skipped")
 
 
 def plot_curves(rows, path, title):

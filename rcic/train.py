@@ -38,7 +38,7 @@ def set_rng_state(state):
 
 
 class Trainer:
-    def __init__(self, recipe, data, device, world=1, rank=0):
+    def __init__(self, recipe, data, device, world=1, rank=0, with_pretrained=True):
         self.recipe, self.data, self.device = recipe, data, device
         self.world, self.rank = world, rank
         torch.manual_seed(recipe.train.seed)
@@ -55,7 +55,8 @@ class Trainer:
         self.normalize_train = Normalizer.for_dataset(data, self.train_set).to(device)
         self.normalize_val = Normalizer.for_dataset(data, self.val_set).to(device)
 
-        self.model = create_model(recipe.model, self.num_classes, len(self.cell_types)).to(device)
+        self.model = create_model(recipe.model, self.num_classes, len(self.cell_types),
+                                  with_pretrained).to(device)
         self.on_gpu = device.type == "cuda"
         self.channels_last = self.on_gpu and recipe.optim.channels_last
         if self.channels_last:

@@ -36,7 +36,8 @@ def load_weights(path, device="cpu"):
     except (OSError, RuntimeError, KeyError, EOFError, TypeError) as err:
         raise UserError(f"weights file {path} cannot be read ({type(err).__name__}): it is "
                         f"truncated or not an rcic weights file; use the weights.pt of a stage")
-    model = create_model(recipe.model, meta["num_classes"], len(meta["cell_types"]))
+    model = create_model(recipe.model, meta["num_classes"], len(meta["cell_types"]),
+                         with_pretrained=False)
     model.load_state_dict(state)
     return model.to(device).eval(), recipe, meta
 

@@ -25,6 +25,8 @@ def run(argv):
                         "(default: /kaggle/input when it exists, plus --out)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override recipe fields, e.g. --set optim.lr=3e-4 train.epochs=10")
+    p.add_argument("--steps", type=int, default=0,
+                   help="stop this stage after N optimizer steps even if budget is left")
     p.add_argument("--quiet", action="store_true", help="only warnings on the console")
     args = p.parse_args(argv)
 
@@ -38,7 +40,7 @@ def run(argv):
     from rcic.stage import Stage, check_writable   # torch loads only after the input is checked
     check_writable(out)
     setup_logging(out / "stage.log", args.quiet)
-    report = Stage(recipe, data, out, budget, roots).run()
+    report = Stage(recipe, data, out, budget, roots, args.steps).run()
     summary = {k: report[k] for k in ("done", "global_step", "total_steps", "epoch",
                                       "seconds_used", "samples_per_second", "stages_left_estimate")}
     print(json.dumps(summary), file=sys.stdout)

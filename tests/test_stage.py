@@ -1,0 +1,140 @@
+"""rcic-stage as a user runs it: real subprocesses, real signals, real files."""
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+TINY = ["data.image_size=16", "data.batch_size=4", "train.epochs=2", "train.log_every_steps=3",
+        "train.checkpoint_every_steps=2", "data.num_workers=2"]
+
+
+def stage(data, out, *extra, budget="5m", sets=(), check=True):
+    cmd = ["rcic-stage", "--data", str(data), "--out", str(out), "--budget", budget, "--quiet",
+           "--set", *TINY, *sets, *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def weights(out):
+    return torch.load(out / "weights.pt", weights_only=False)["model"]
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    """One uninterrupted run of the whole tiny recipe."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    stage(tiny_data, out)
+    return out
+
+
+def test_reference_run_writes_every_report(reference):
+    report = json.loads((reference / "stage.json").read_text())
+    assert report["done"] is True and report["global_step"] == report["total_steps"] > 0
+    for key in ("epoch", "seconds_used", "budget_seconds", "samples_per_second",
+                "stages_left_estimate"):
+        assert key in report
+    assert report["seconds_used"] < report["budget_seconds"]
+    assert (reference / "curves.png").stat().st_size > 1000
+    assert "val_acc" in (reference / "metrics.csv").read_text().splitlines()[0]
+    assert len([p for p in reference.iterdir() if p.name.startswith("ckpt-")]) == 1
+
+
+def test_three_stages_are_bit_identical_to_one_run(tiny_data, tmp_path, reference):
+    out = tmp_path / "split"
+    for _ in range(2):
+        report = stage(tiny_data, out, "--steps", "3")
+        assert '"done": false' in report.stdout
+    stage(tiny_data, out)
+    assert same_weights(weights(out), weights(reference))
+    assert (out / "metrics.csv").read_text() == (reference / "metrics.csv").read_text()
+
+
+def test_each_stage_can_write_to_a_new_folder_like_a_kernel_chain(tiny_data, tmp_path, reference):
+    previous = None
+    for k in range(3):
+        out = tmp_path / f"kernel{k}"
+        extra = ["--resume-from", str(previous)] if previous else []
+        stage(tiny_data, out, "--steps", "3" if k < 2 else "0", *extra)
+        previous = out
+    assert same_weights(weights(previous), weights(reference))
+
+
+def test_sigkill_at_random_moments_never_loses_committed_work(tiny_data, tmp_path, reference):
+    out = tmp_path / "killed"
+    rng = random.Random(1)
+    cmd = ["rcic-stage", "--data", str(tiny_data), "--out", str(out), "--budget", "5m", "--quiet",
+           "--set", *TINY, "train.checkpoint_every_steps=1"]
+    for trial in range(3):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(4.0, 9.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    stage(tiny_data, out)
+    assert same_weights(weights(out), weights(reference))
+
+
+def test_finished_recipe_trains_nothing_and_carries_the_checkpoint(tiny_data, tmp_path, reference):
+    out = tmp_path / "after"
+    result = stage(tiny_data, out, "--resume-from", str(reference))
+    report = json.loads((out / "stage.json").read_text())
+    assert report["done"] is True and report["steps_this_stage"] == 0
+    assert same_weights(weights(out), weights(reference))
+    assert any(p.name.startswith("ckpt-") for p in out.iterdir())
+
+
+def test_recipe_with_other_training_fields_is_refused(tiny_data, tmp_path, reference):
+    result = stage(tiny_data, tmp_path / "x", "--resume-from", str(reference),
+                   sets=["optim.lr=0.01"], check=False)
+    assert result.returncode == 2
+    assert "optim.lr" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_budget_is_never_exceeded(tiny_data, tmp_path):
+    # Slow steps (bigger images) and budgets that end mid-epoch.
+    # Budgets are short but not absurd: start-up (imports, data checks) alone takes seconds.
+    for trial, budget in enumerate([20, 30]):
+        out = tmp_path / f"b{trial}"
+        start = time.time()
+        stage(tiny_data, out, budget=f"{budget}s", sets=["data.image_size=48", "train.epochs=50"])
+        elapsed = time.time() - start
+        assert elapsed < budget, f"trial {trial}: {elapsed:.1f}s for a {budget}s budget"
+    assert json.loads((out / "stage.json").read_text())["global_step"] > 0
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_data, tmp_path):
+    out = tmp_path / "term"
+    cmd = ["rcic-stage", "--data", str(tiny_data), "--out", str(out), "--budget", "5m", "--quiet",
+           "--set", *TINY, "train.epochs=100"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(out.glob("ckpt-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    report = json.loads((out / "stage.json").read_text())
+    assert report["stopped_by_signal"] is True and report["done"] is False
+    assert report["global_step"] > 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--budget", "8x"], "budget '8x' is not a duration"),
+    (["--budget", "1m", "--set", "optim.nope=1"], "optim.nope"),
+    (["--budget", "1m", "--config", "missing.yaml"], "missing.yaml"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_data, tmp_path, args, needle):
+    result = subprocess.run(["rcic-stage", "--data", str(tiny_data), "--out", str(tmp_path / "o"),
+                             *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert needle in result.stderr and result.stderr.strip().count("\n") == 0
