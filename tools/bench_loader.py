@@ -116,6 +116,11 @@ def main():
                   f"opened and verified in {opened * 1e3:.0f} ms")
             loads[f"cache-{fmt}"] = lambda i, cache=cache, r=rows: cache.read(r[i].id_code,
                                                                              r[i].site)
+        start = time.perf_counter()
+        build_cache(data, tmp / "expanded", args.size, workers=args.workers, progress=False,
+                    source=tmp / "zlib")
+        print(f"cache-raw from cache-zlib (rcic-cache --from): built at "
+              f"{n / (time.perf_counter() - start):.0f} sites/s with {args.workers} workers")
 
         print(f"\n{'path':<12}{'per core /s':>13}{'x seeds':>9}"
               f"{f'{args.workers} workers /s':>17}{'x seeds':>9}")
