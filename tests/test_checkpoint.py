@@ -5,7 +5,6 @@ import multiprocessing
 import os
 import random
 import resource
-import shutil
 import signal
 import time
 from pathlib import Path
