@@ -5,18 +5,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rcic.data.synthetic import SynthSpec, generate
 from rcic.errors import UserError
 from rcic.submission import check_submission, write_submission
 
 CLI = str(Path(sys.executable).with_name("rcic-submission"))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("synth") / "d", SynthSpec(
-        n_classes=8, n_positive_controls=1, image_size=16, train_experiments=2,
-        test_experiments=1, cell_types=["HUVEC", "RPE"]))
+@pytest.fixture
+def data(tiny_data):
+    return tiny_data
 
 
 @pytest.fixture
