@@ -126,7 +126,7 @@ def run_local_chain(stages, budget, out, recipe=None, data=None, steps_per_stage
         working.mkdir()
         link_inputs(meta, input_root, bundle, data, outputs)
         limit = stage_limit if folder.name != "submit" else chain.KAGGLE_LIMIT_SECONDS
-        echo(f"rcic-chain local: {folder.name} ({meta['id']}), killed after {limit:.0f}s")
+        echo(f"rcic-chain local: {folder.name} ({meta['id']}), hard limit {limit:.0f}s")
         status, seconds, killed = run_script(folder / meta["code_file"], input_root, working,
                                              limit, run_dir / "kernel.log", echo)
         results.append({"name": folder.name, "seconds": round(seconds, 1), "status": status})
