@@ -99,6 +99,26 @@ def test_raw_cache_from_a_zlib_cache_is_identical_to_one_from_pngs(data, built, 
     assert not (tmp_path / "raw32").exists()
 
 
+def test_cache_of_one_split_holds_exactly_its_sites(data, built, tmp_path):
+    folder = build_cache(data, tmp_path / "train", 20, workers=2, progress=False, split="train",
+                         format="zlib")
+    cache = open_cache(folder, data, 20)
+    train = data.sites[data.sites["split"] == "train"]
+    assert len(cache) == len(train) < len(data.sites)
+    for row in train.itertuples(index=False):
+        np.testing.assert_array_equal(cache.read(row.id_code, row.site),
+                                      decode_site(data.paths(row), 20))
+    test_row = data.sites[data.sites["split"] == "test"].iloc[0]
+    with pytest.raises(UserError, match="holds only the train sites"):
+        cache.read(test_row.id_code, test_row.site)
+    with pytest.raises(UserError, match="holds only the train sites"):
+        build_cache(data, tmp_path / "test", 20, progress=False, split="test", source=folder)
+    # A train-only raw cache can be expanded from a cache of both splits.
+    expanded = build_cache(data, tmp_path / "raw", 20, workers=2, progress=False, split="train",
+                           source=built("raw", 20))
+    assert len(open_cache(expanded, data, 20)) == len(train)
+
+
 def test_rebuild_of_a_complete_cache_changes_nothing(data, built):
     folder = built("raw", 32)
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
@@ -126,14 +146,21 @@ def test_damaged_cache_is_refused_then_repaired_by_a_rerun(data, tmp_path, damag
     build_cache(data, folder, 16, workers=2, progress=False, format="zlib")
     cache = open_cache(folder, data, 16)
     row = data.sites[data.sites["id_code"].str.startswith("RPE-02_3_")].iloc[0]
-    np.testing.assert_array_equal(cache.read(row.id_code, row.site), decode_site(data.paths(row), 16))
+    np.testing.assert_array_equal(cache.read(row.id_code, row.site),
+                                  decode_site(data.paths(row), 16))
 
 
 def test_cache_without_a_whole_manifest_is_refused(data, tmp_path):
     folder = build_cache(data, tmp_path / "c", 16, workers=2, progress=False)
     manifest = folder / "MANIFEST.json"
-    manifest.write_text(manifest.read_text()[:-20])
+    text = manifest.read_text()
+    manifest.write_text(text[:-20])
     with pytest.raises(UserError, match="MANIFEST.json is unreadable"):
+        open_cache(folder, data, 16)
+    content = json.loads(text)
+    del content["chunks"]
+    manifest.write_text(json.dumps(content))
+    with pytest.raises(UserError, match="MANIFEST.json lacks 'chunks'"):
         open_cache(folder, data, 16)
     manifest.unlink()
     with pytest.raises(UserError, match="no complete cache"):

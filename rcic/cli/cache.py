@@ -29,14 +29,16 @@ def run(argv):
     parser.add_argument("--from", dest="source", type=Path,
                         help="copy the sites from this cache of the same data and size instead "
                              "of decoding PNGs (e.g. a zlib cache into a raw one on local disk)")
+    parser.add_argument("--split", choices=["train", "test"],
+                        help="cache only these sites (default: train and test)")
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be 1 or more")
     data = RxRx1(args.data if args.data is not None else default_data_dir())
     out = build_cache(data, args.out, args.size, workers=args.workers, format=args.format,
-                      source=args.source)
-    print(f"rcic-cache: {len(data.sites)} sites at {args.size} px ({args.format}) in {out}",
-          file=sys.stderr)
+                      source=args.source, split=args.split)
+    print(f"rcic-cache: {args.split or 'train and test'} sites at {args.size} px ({args.format})"
+          f" in {out}", file=sys.stderr)
 
 
 def main(argv=None):

@@ -86,9 +86,16 @@ def data_identity(data):
     return {"files_sha256": digests, "image_size": native_size(data)}
 
 
-def chunk_plan(data):
-    """{chunk name: positions in data.sites}, one chunk a plate, in a stable order."""
-    groups = data.sites.groupby(["experiment", "plate"], sort=True).indices
+def cached_sites(data, split):
+    """The sites a cache of `split` ('train', 'test' or None: both) holds."""
+    if split is None:
+        return data.sites
+    return data.sites[data.sites["split"] == split].reset_index(drop=True)
+
+
+def chunk_plan(sites):
+    """{chunk name: positions in sites}, one chunk a plate, in a stable order."""
+    groups = sites.groupby(["experiment", "plate"], sort=True).indices
     return {f"{exp}_{plate}": rows for (exp, plate), rows in groups.items()}
 
 
@@ -196,14 +203,19 @@ def claim_folder(out, spec):
     return False
 
 
-def build_cache(data, out, size, workers=None, progress=True, format="raw", source=None):
+def build_cache(data, out, size, workers=None, progress=True, format="raw", source=None,
+                split=None):
     """Decode every site of `data` at `size` px into a cache folder `out`; resumable. -> out.
 
     A rerun after an interruption keeps every committed plate. A folder that already holds
     this cache, complete, is verified and left as it is. `source`: a cache folder of the same
     data and size to copy the sites from instead of decoding PNGs (e.g. expand a zlib cache
     from a kernel's input into a raw one on local disk); the result is the same, byte for byte.
+    `split`: 'train' or 'test' to cache only those sites (a whole RxRx1 at 256 px does not fit
+    one Kaggle output even compressed); None caches both.
     """
+    if split not in (None, "train", "test"):
+        raise UserError(f"split {split!r} is unknown: use train, test, or leave it out for both")
     if format not in FORMATS:
         raise UserError(f"cache format {format!r} is unknown: use one of {', '.join(FORMATS)}")
     native = native_size(data)
@@ -215,8 +227,12 @@ def build_cache(data, out, size, workers=None, progress=True, format="raw", sour
         if Path(source).resolve() == out.resolve():
             raise UserError(f"--from {source} is the --out folder itself: build into another --out")
         source = open_cache(source, data, size)
-    spec = {"format_version": FORMAT_VERSION, "format": format, "size": size,
-            "channels": layout.CHANNELS, "n_sites": len(data.sites), "data": data_identity(data)}
+    all_sites = cached_sites(data, split)
+    if source is not None and source.split not in (None, split):
+        raise UserError(f"--from {source.folder} holds only the {source.split} sites: build "
+                        f"--split {source.split} from it")
+    spec = {"format_version": FORMAT_VERSION, "format": format, "size": size, "split": split,
+            "channels": layout.CHANNELS, "n_sites": len(all_sites), "data": data_identity(data)}
     if claim_folder(out, spec):
         try:
             open_cache(out, data, size)
@@ -227,14 +243,14 @@ def build_cache(data, out, size, workers=None, progress=True, format="raw", sour
             write_atomic(out / BUILDING, json.dumps(spec, indent=1))
             (out / MANIFEST).unlink()
 
-    plan = chunk_plan(data)
+    plan = chunk_plan(all_sites)
     markers = {name: finished_chunk(out, name, len(rows)) for name, rows in plan.items()}
     todo = [name for name, marker in markers.items() if marker is None]
     for stale in (out / CHUNKS).glob("*.partial-*"):   # from killed runs; never trusted
         stale.unlink(missing_ok=True)
-    done_sites = len(data.sites) - sum(len(plan[name]) for name in todo)
-    sites = list(data.sites.itertuples(index=False))
-    with tqdm(total=len(data.sites), initial=done_sites, unit="site", disable=not progress,
+    done_sites = len(all_sites) - sum(len(plan[name]) for name in todo)
+    sites = list(all_sites.itertuples(index=False))
+    with tqdm(total=len(all_sites), initial=done_sites, unit="site", disable=not progress,
               desc=f"rcic-cache {size}px {format}") as bar, \
             ProcessPoolExecutor(max_workers=workers or os.cpu_count(), initializer=start_worker,
                                 initargs=(source,)) as pool:
@@ -265,8 +281,8 @@ def build_cache(data, out, size, workers=None, progress=True, format="raw", sour
 class SiteCache:
     """`read(id_code, site) -> uint8 (6, S, S)`; picklable, each process maps files itself."""
 
-    def __init__(self, folder, fmt, size, chunk_files, index):
-        self.folder, self.format, self.size = Path(folder), fmt, size
+    def __init__(self, folder, fmt, size, split, chunk_files, index):
+        self.folder, self.format, self.size, self.split = Path(folder), fmt, size, split
         self.chunk_files = chunk_files      # chunk number -> path
         self.index = index                  # (id_code, site) -> (chunk number, start, end)
         self._maps, self._pid = {}, None
@@ -290,8 +306,9 @@ class SiteCache:
         try:
             chunk, start, end = self.index[(id_code, int(site))]
         except KeyError:
-            raise UserError(f"site {id_code} s{site} is not in the cache {self.folder}: "
-                            f"build a cache of the data folder this site comes from") from None
+            held = f"only the {self.split} sites" if self.split else "another data folder"
+            raise UserError(f"site {id_code} s{site} is not in the cache {self.folder}, which "
+                            f"holds {held}: build a cache that holds it") from None
         return decode(self.format, self._map(chunk)[start:end], self.size)
 
 
@@ -320,34 +337,40 @@ def open_cache(folder, data, size, verify=True):
         raise UserError(f"cache {folder} holds {manifest.get('size')} px images, the run asks "
                         f"for {size} px: build a {size} px cache with rcic-cache --size {size} "
                         f"into a new --out, or change the image size")
-    if manifest.get("data") != data_identity(data) or manifest.get("n_sites") != len(data.sites):
+    split = manifest.get("split")
+    sites = cached_sites(data, split)
+    if manifest.get("data") != data_identity(data) or manifest.get("n_sites") != len(sites):
         raise UserError(f"cache {folder} was built from another data folder than {data.root} "
                         f"(its CSVs or image size differ): build one for this data with "
                         f"rcic-cache --data {data.root} into a new --out")
 
-    for part in [manifest["index"], *manifest["chunks"]]:
-        path = folder / part["file"]
-        actual = path.stat().st_size if path.is_file() else None
-        if actual != part["bytes"]:
-            raise UserError(f"cache file {path} is {'missing' if actual is None else f'{actual} bytes'}"
-                            f", the manifest says {part['bytes']} bytes: the cache {folder} is "
-                            f"damaged; {broken}")
-        if (verify or part["file"] == INDEX) and file_crc(path) != part["crc32"]:
-            raise UserError(f"cache file {path} fails its checksum: the cache {folder} is "
-                            f"damaged; {broken}")
+    try:
+        parts = [manifest["index"], *manifest["chunks"]]
+        for part in parts:
+            path = folder / part["file"]
+            actual = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+            if actual != f"{part['bytes']} bytes":
+                raise UserError(f"cache file {path} is {actual}, the manifest says "
+                                f"{part['bytes']} bytes: the cache {folder} is damaged; {broken}")
+            if (verify or part["file"] == INDEX) and file_crc(path) != part["crc32"]:
+                raise UserError(f"cache file {path} fails its checksum: the cache {folder} is "
+                                f"damaged; {broken}")
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{folder / MANIFEST} lacks {err}: {broken}") from None
 
     table = pd.read_csv(folder / INDEX)
     number = {c["name"]: k for k, c in enumerate(manifest["chunks"])}
     chunk_no = table["chunk"].map(number)
     limits = table["chunk"].map({c["name"]: c["bytes"] for c in manifest["chunks"]})
-    wanted = set(zip(data.sites["id_code"], data.sites["site"]))
+    wanted = set(zip(sites["id_code"], sites["site"]))
     keys = list(zip(table["id_code"], table["site"].astype(int)))
     row_bytes = layout.CHANNELS * size * size
     if (len(table) != len(wanted) or set(keys) != wanted or chunk_no.isna().any()
             or (table["end"] > limits).any() or (table["start"] >= table["end"]).any()
-            or (manifest["format"] == "raw" and (table["end"] - table["start"] != row_bytes).any())):
+            or (manifest["format"] == "raw"
+                and (table["end"] - table["start"] != row_bytes).any())):
         raise UserError(f"the index of cache {folder} does not match its data folder or chunk "
                         f"files: {broken}")
     index = dict(zip(keys, zip(chunk_no.astype(int), table["start"], table["end"])))
     chunk_files = [str(folder / c["file"]) for c in manifest["chunks"]]
-    return SiteCache(folder, manifest["format"], size, chunk_files, index)
+    return SiteCache(folder, manifest["format"], size, split, chunk_files, index)
