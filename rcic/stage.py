@@ -93,6 +93,7 @@ class Stage:
         self.train_seconds = 0.0
         self.resumed_from = None
         self.changed = False          # trained or evaluated anything in this stage
+        self.save_seconds = 0.0
 
     # -- budget -----------------------------------------------------------------------------
     def fits(self, kind):
@@ -196,6 +197,7 @@ class Stage:
     def save(self, trainer):
         if not self.is_main:
             return
+        started = time.perf_counter()
         with self.times.timer("save"):
             state = trainer.state_dict()
             checkpoint.save_checkpoint(
@@ -204,6 +206,7 @@ class Stage:
                 info={"recipe": self.recipe.to_dict(), "name": self.recipe.name})
             save_weights(self.out / WEIGHTS_NAME, trainer.inference_model(), self.recipe,
                          self.weights_meta(trainer))
+        self.save_seconds += time.perf_counter() - started
 
     def weights_meta(self, trainer):
         return {"n_treatments": self.data.n_treatments, "num_classes": trainer.num_classes,
@@ -245,6 +248,7 @@ class Stage:
             "resumed_from": str(self.resumed_from.path) if self.resumed_from else None,
             "last_eval": next((r for r in reversed(trainer.history) if "val_acc" in r), None),
             "stopped_by_signal": self.stop.requested,
+            "seconds_saving": round(self.save_seconds, 3),
         }
         if self.is_main:
             self.write_reports(trainer, report)

@@ -48,3 +48,7 @@ def run(argv):
 
 def main(argv=None):
     return cli_main("rcic-stage", run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

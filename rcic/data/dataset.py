@@ -11,6 +11,7 @@ One batch's path, in order:
    plate, which removes most of the batch effect between experiments.
 """
 import random
+import signal
 
 import albumentations as A
 import numpy as np
@@ -182,10 +183,18 @@ def steps_per_epoch(n, batch_size, groups=None, world=1):
     return len(EpochBatchSampler(n, batch_size, 0, 0, groups=groups, world=world).batches)
 
 
+def ignore_stop_signals(_worker_id):
+    """Workers leave SIGTERM/SIGINT to the main process, which finishes the step and saves;
+    a worker killed by a group-wide signal would make the main process fail instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_sampler=None, batch_size=64, num_workers=0, pin_memory=False,
                 generator=None):
     """A DataLoader for training (with a batch sampler) or evaluation (in order)."""
     common = dict(num_workers=num_workers, pin_memory=pin_memory, generator=generator,
+                  worker_init_fn=ignore_stop_signals if num_workers else None,
                   persistent_workers=False, prefetch_factor=4 if num_workers else None)
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **common)

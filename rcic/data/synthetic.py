@@ -120,7 +120,8 @@ def generate(out, spec=None, progress=None):
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} exists and is not empty: choose a new --out "
                         f"or delete it first")
-    tmp = out.with_name(out.name + ".partial")
+    # A private temporary name: two processes may generate the embedded data at once.
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
@@ -182,9 +183,14 @@ def generate(out, spec=None, progress=None):
         tmp / "sample_submission.csv", index=False)
     test[["id_code", "sirna"]].to_csv(tmp / layout.ANSWER_KEY, index=False)
     (tmp / DONE_MARKER).write_text(json.dumps(asdict(spec), indent=1))
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    try:
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / DONE_MARKER).is_file():   # not a concurrent generator that won the race
+            raise UserError(f"cannot move the generated data into {out}: choose another --out")
     return out
 
 
@@ -195,7 +201,8 @@ def default_data_dir():
     digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:8]
     out = root / f"synthetic-{digest}"
     if not (out / DONE_MARKER).is_file():
-        shutil.rmtree(out, ignore_errors=True)
+        if out.exists() and not any(out.iterdir()):
+            out.rmdir()
         print(f"rcic: writing the embedded synthetic RxRx1 data to {out} (once)")
         generate(out, spec)
     return out
