@@ -5,6 +5,7 @@
   png         rcic's PNG path: decode_site -> uint8 (normalised later, on the device)
   cache-raw   rcic's cache, memory-mapped uint8
   cache-zlib  rcic's cache, zlib-compressed uint8
+  in-memory   a copy from an array already in RAM: the ceiling of the DataLoader itself
 
 It writes its own synthetic RxRx1 folder (images at --size px) and builds both caches from it,
 so every path reads the same sites. "per core" is a loop in this process; "workers" is a torch
@@ -121,6 +122,9 @@ def main():
                     source=tmp / "zlib")
         print(f"cache-raw from cache-zlib (rcic-cache --from): built at "
               f"{n / (time.perf_counter() - start):.0f} sites/s with {args.workers} workers")
+
+        pixels = np.stack([decode_site(p, args.size) for p in paths])
+        loads["in-memory"] = lambda i: pixels[i].copy()
 
         print(f"\n{'path':<12}{'per core /s':>13}{'x seeds':>9}"
               f"{f'{args.workers} workers /s':>17}{'x seeds':>9}")
