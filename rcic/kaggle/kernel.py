@@ -50,8 +50,11 @@ def run_stage(settings, input_root, working):
     from rcic.cli.stage import main as stage_main
 
     data = find_data_dir(input_root)
+    # Resume from the attached outputs of earlier stages (each holds a stage.json), not from all
+    # of the input: walking the competition's image tree would list ~500,000 files.
+    previous = [str(report.parent) for report in find_shallow(input_root, "stage.json")]
     argv = ["--data", str(data), "--out", str(working), "--budget", settings["budget"],
-            "--resume-from", str(input_root)]
+            "--resume-from", *previous]
     if settings.get("recipe_yaml"):
         # The recipe travels inside the script (Kaggle uploads nothing else); the stage writes
         # it beside its checkpoint, so it is kept with the outputs either way.
@@ -61,7 +64,8 @@ def run_stage(settings, input_root, working):
     if settings.get("steps"):
         argv += ["--steps", str(settings["steps"])]
     print(f"rcic stage {settings['stage']}/{settings['stages']}: data {data}, "
-          f"budget {settings['budget']}, resuming from what {input_root} holds", flush=True)
+          f"budget {settings['budget']}, earlier stages: {', '.join(previous) or 'none'}",
+          flush=True)
     status = stage_main(argv)
     report = working / "stage.json"
     if report.is_file():

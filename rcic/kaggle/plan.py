@@ -23,14 +23,18 @@ class Plan:
     stages: int
 
     def describe(self):
-        hours = self.total_samples / self.samples_per_second / 3600
+        training = self.total_samples / self.samples_per_second
         per_stage = self.samples_per_second * self.budget_seconds * USABLE_FRACTION
         return (f"{self.total_samples} training samples at {self.samples_per_second:g} samples/s "
-                f"= {hours:.1f} h of training; a {self.budget_seconds / 3600:.2f} h stage trains "
+                f"= {hours(training)} of training; a {hours(self.budget_seconds)} stage trains "
                 f"about {per_stage:.0f} of them ({USABLE_FRACTION:.0%} of its budget), so the "
                 f"recipe needs {self.stages} stage(s). Render them with "
                 f"rcic-chain init --stages {self.stages} (a longer chain is harmless: stages "
                 f"after the last carry the final checkpoint forward)")
+
+
+def hours(seconds):
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 def samples_per_second_from(stage_json):
