@@ -8,6 +8,7 @@ Kernels install it with `pip install --no-index --no-deps <its wheels>`. Torch, 
 albumentations, opencv, pandas, scipy, tqdm and matplotlib are never bundled: Kaggle's image
 has them built for its own CUDA, and replacing them would break it.
 """
+import importlib.util
 import json
 import subprocess
 import sys
@@ -21,10 +22,21 @@ from rcic.kaggle import metadata
 MISSING_ON_KAGGLE = ["efficientnet-pytorch"]
 
 
+def can_build_here():
+    """Whether this environment's setuptools builds wheels by itself (70.1 and newer do)."""
+    try:
+        return importlib.util.find_spec("setuptools.command.bdist_wheel") is not None
+    except ImportError:
+        return False
+
+
 def pip_wheel(requirement, out):
-    """Build or fetch one wheel, without its dependencies, using this environment's setuptools."""
-    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+    """Build or fetch one wheel, without its dependencies."""
+    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
            "--wheel-dir", str(out), str(requirement)]
+    if can_build_here():
+        # Skips fetching setuptools into a throw-away build environment: faster, and offline.
+        cmd.append("--no-build-isolation")
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
