@@ -263,7 +263,7 @@ def test_cli_refuses_an_out_folder_holding_something_else(data, tmp_path, capsys
 def test_cli_without_data_uses_the_embedded_data(data, tmp_path, capsys, monkeypatch):
     # Generating the embedded set takes ~10 s of CPU, too much for this file: stand the small
     # one in for it, and check the command took its data from there.
-    monkeypatch.setattr("rcic.cli.cache.default_data_dir", lambda: data.root)
+    monkeypatch.setattr("rcic.data.synthetic.default_data_dir", lambda: data.root)
     assert run_cli(capsys, "--out", tmp_path / "c", "--size", 16, "--workers", 2)[0] == 0
     manifest = json.loads((tmp_path / "c" / "MANIFEST.json").read_text())
     assert manifest["n_sites"] == len(data.sites)

@@ -3,9 +3,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from rcic.cli.common import open_data
 from rcic.data.cache import FORMATS, build_cache
-from rcic.data.layout import RxRx1
-from rcic.data.synthetic import default_data_dir
 from rcic.errors import UserError, cli_main
 
 
@@ -34,7 +33,7 @@ def run(argv):
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be 1 or more")
-    data = RxRx1(args.data if args.data is not None else default_data_dir())
+    data = open_data(args.data)
     out = build_cache(data, args.out, args.size, workers=args.workers, format=args.format,
                       source=args.source, split=args.split)
     print(f"rcic-cache: {args.split or 'train and test'} sites at {args.size} px ({args.format})"
