@@ -9,7 +9,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from rcic.errors import UserError
+from rcic.errors import UserError, cli_main
 
 MAX_DEPTH = 5   # /kaggle/input/notebooks/<owner>/<slug>/<file> is depth 4
 
@@ -40,7 +40,6 @@ def find_data_dir(root):
 
 def run_kernel(settings, input_root, working):
     """Entry point of both kernel scripts; returns the exit status."""
-    from rcic.errors import cli_main
     run = run_stage if settings["kind"] == "stage" else run_submit
     return cli_main(f"rcic {settings['kind']} kernel",
                     lambda _: run(settings, Path(input_root), Path(working)))
