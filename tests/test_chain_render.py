@@ -176,6 +176,8 @@ def test_inputs_are_found_by_searching_either_kaggle_layout(tmp_path, layout):
     assert find_shallow(root, "weights.pt") == [root / layout["prev"] / "weights.pt"]
     with pytest.raises(UserError, match="no RxRx1 data"):
         find_data_dir(root / layout["prev"])
+    with pytest.raises(UserError, match="no RxRx1 data"):
+        find_data_dir(tmp_path / "no-such-input")
 
 
 def test_plan_counts_stages_from_throughput(tmp_path, recipe, capsys):

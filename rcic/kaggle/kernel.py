@@ -20,7 +20,7 @@ def is_data_dir(folder):
 
 def find_shallow(root, name, max_depth=MAX_DEPTH):
     """Files called `name` under `root`, shallowest first, outside any RxRx1 data folder."""
-    found, level = [], [Path(root)]
+    found, level = [], [Path(root)] if Path(root).is_dir() else []
     for _ in range(max_depth + 1):
         found += sorted(d / name for d in level if (d / name).is_file())
         # Symlinked folders are followed on purpose: the local dry run links its inputs.
