@@ -141,7 +141,8 @@ def test_damaged_cache_is_refused_then_repaired_by_a_rerun(data, tmp_path, damag
     with pytest.raises(UserError) as err:
         open_cache(folder, data, 16)
     message = str(err.value)
-    assert str(folder) in message and "rcic-cache" in message and "\n" not in message
+    assert str(folder) in message and "\n" not in message
+    assert f"rerun rcic-cache --data {data.root} --out {folder} --size 16 --format zlib" in message
 
     build_cache(data, folder, 16, workers=2, progress=False, format="zlib")
     cache = open_cache(folder, data, 16)

@@ -14,8 +14,8 @@ A cache folder:
 Formats (see BENCHMARKS.md "Input pipeline" for the measurements behind the choice):
   raw   each chunk a plain .npy of shape (sites, 6, S, S): reads are a memory-map copy
         (np.load(chunk, mmap_mode="r") works on it too).
-  zlib  each site zlib-compressed (level 1): about half the bytes, so a 256 px cache of RxRx1
-        fits Kaggle's 20 GB kernel output, at the cost of a decompression per read.
+  zlib  each site zlib-compressed (level 1): about half the bytes, so a 256 px cache of one
+        RxRx1 split fits Kaggle's 20 GB kernel output, at the cost of a decompression per read.
 
 A plate is the unit of work and of resume: a build killed at any moment loses at most the
 plates in flight, and a rerun skips every plate whose `.done.json` matches its file.
@@ -48,8 +48,12 @@ IDENTITY_FILES = ("train.csv", "test.csv", "train_controls.csv", "test_controls.
                   synthetic.DONE_MARKER)
 
 
-def rerun_hint(folder, data, size):
-    return f"rerun rcic-cache --data {data.root} --out {folder} --size {size}"
+def rerun_hint(folder, data, size, spec=None):
+    """The command that builds, resumes or repairs this cache; `spec`: its manifest, if known."""
+    spec = spec or {}
+    options = "".join(f" --{key} {spec[key]}" for key in ("format", "split")
+                      if spec.get(key) not in (None, "raw"))
+    return f"rerun rcic-cache --data {data.root} --out {folder} --size {size}{options}"
 
 
 # -- what a cache is built from ---------------------------------------------------------------
@@ -319,16 +323,20 @@ def open_cache(folder, data, size, verify=True):
     the manifest, sizes and index.
     """
     folder = Path(folder)
-    broken = f"{rerun_hint(folder, data, size)} to repair it"
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
-        state = ("its build was interrupted" if (folder / BUILDING).is_file()
-                 else "it is not an rcic cache folder")
+        try:
+            building = json.loads((folder / BUILDING).read_text())
+            state = "its build was interrupted"
+        except (OSError, ValueError):
+            building, state = None, "it is not an rcic cache folder"
         raise UserError(f"no complete cache in {folder} ({MANIFEST} missing: {state}): "
-                        f"{rerun_hint(folder, data, size)}") from None
+                        f"{rerun_hint(folder, data, size, building)}") from None
     except (OSError, ValueError) as err:
-        raise UserError(f"{folder / MANIFEST} is unreadable ({err}): {broken}") from None
+        raise UserError(f"{folder / MANIFEST} is unreadable ({err}): delete {folder} and "
+                        f"{rerun_hint(folder, data, size)}") from None
+    broken = f"{rerun_hint(folder, data, size, manifest)} to repair it"
     if manifest.get("format_version") != FORMAT_VERSION or manifest.get("format") not in FORMATS:
         raise UserError(f"cache {folder} has format {manifest.get('format')} version "
                         f"{manifest.get('format_version')}, this rcic reads version "
