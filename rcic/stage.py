@@ -195,11 +195,12 @@ class Stage:
 
     # -- saving -----------------------------------------------------------------------------
     def save(self, trainer):
-        if not self.is_main:
-            return
+        """Every rank gathers the state (it holds every rank's RNG); rank 0 alone writes."""
         started = time.perf_counter()
         with self.times.timer("save"):
             state = trainer.state_dict()
+            if not self.is_main:
+                return
             checkpoint.save_checkpoint(
                 self.out, state, step=trainer.global_step, epoch=trainer.epoch,
                 recipe_hash=self.recipe.training_hash(), done=trainer.finished,

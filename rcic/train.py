@@ -11,6 +11,7 @@ import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import rcic
@@ -99,7 +100,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
-            "rng": rng_state(),
+            # Every rank's RNG (a collective under DDP: all ranks must call state_dict).
+            "rng": self.gather_rng(),
             "counters": {"global_step": self.global_step, "epoch": self.epoch,
                          "batch_in_epoch": self.batch_in_epoch, "samples_seen": self.samples_seen,
                          "pending_eval": self.pending_eval,
@@ -120,13 +122,21 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema and state["ema"]:
             self.ema.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
+        rng = state["rng"]
+        set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
         counters = dict(state["counters"])
         self._loss_sum = torch.tensor(counters.pop("loss_sum"), device=self.device)
         self._loss_count = counters.pop("loss_count")
         for key, value in counters.items():
             setattr(self, key, value)
         self.history = list(state["history"])
+
+    def gather_rng(self):
+        if self.world == 1:
+            return [rng_state()]
+        states = [None] * self.world
+        dist.all_gather_object(states, rng_state())
+        return states
 
     def init_from_weights(self, weights_state):
         """Two-step training: start from another recipe's final weights (heads may differ)."""

@@ -1,0 +1,41 @@
+"""More than one process: DistributedDataParallel over gloo on the CPU, as CI can run it."""
+import json
+import subprocess
+
+import torch
+
+from rcic.data.layout import RxRx1
+
+from test_stage import TINY, same_weights, weights
+
+
+def ddp_stage(data, out, *extra, budget="5m"):
+    cmd = ["rcic-stage", "--gpus", "2", "--data", str(data), "--out", str(out), "--budget", budget,
+           "--quiet", "--set", *TINY, "data.num_workers=0", *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "stage.json").read_text())
+
+
+def test_two_processes_train_stop_and_resume_exactly(tiny_data, tmp_path):
+    whole = ddp_stage(tiny_data, tmp_path / "whole")
+    assert whole["done"] is True
+    # Each rank takes every other batch: half the optimizer steps of one process.
+    train_sites = len(RxRx1(tiny_data).split_sites()[0])
+    assert whole["total_steps"] == 2 * ((train_sites // 4) // 2)      # 2 epochs of batch 4
+    split = tmp_path / "split"
+    first = ddp_stage(tiny_data, split, "--steps", "2")
+    assert first["done"] is False and first["global_step"] == 2
+    second = ddp_stage(tiny_data, split)
+    assert second["done"] is True
+    assert same_weights(weights(split), weights(tmp_path / "whole"))
+    state = torch.load(next(split.glob("ckpt-*")) / "state.pt", weights_only=False)
+    assert len(state["rng"]) == 2          # every rank's RNG is in the checkpoint
+
+
+def test_a_budget_stop_ends_every_rank_together(tiny_data, tmp_path):
+    # A recipe far too long for its budget: both ranks must agree to stop on the same step.
+    report = ddp_stage(tiny_data, tmp_path / "b", "train.epochs=500", "data.image_size=32",
+                       budget="60s")
+    assert report["done"] is False and report["global_step"] > 0
+    assert report["seconds_used"] < 60
