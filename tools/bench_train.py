@@ -1,0 +1,213 @@
+"""Training step benchmark: images/s of a plain fp32 step vs the rcic step, same backbone and data.
+
+  baseline  the seeds' way: each sample converted to float32 and normalised on the CPU inside
+            the DataLoader, float batches copied unpinned, contiguous NCHW, fp32, Adam's plain
+            per-parameter loop (neither fused nor foreach), the loss read back every step
+  rcic      rcic.train.Trainer.train_step as rcic-stage runs it: uint8 batches (pinned,
+            non-blocking) normalised on the device; on CUDA also AMP, channels_last, fused Adam,
+            and no host synchronisation inside the step
+  compile   (--compile) the rcic step with its model under torch.compile
+
+Both variants read the same sites from one decoded-image cache (raw uint8) with the same
+augmentations and batch order, so only the step and the per-sample work differ. "waits" is the
+share of the measured time spent blocked in next(loader). On CUDA the device is synchronised
+after every step, so time blocked on the loader is time the GPU sat idle (this takes a little
+overlap away from the rcic step: its images/s here is a lower bound).
+
+Variants are measured in alternating rounds (baseline, rcic, baseline, rcic, ...) after a
+warm-up, and the best round of each is reported: on a shared machine the best round is the one
+least disturbed by other jobs.
+
+    python tools/bench_train.py                                  # CPU defaults: tiny, 64 px
+    python tools/bench_train.py --backbone resnet50 --size 256   # on a GPU (the defaults there)
+"""
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rcic.config import Recipe
+from rcic.data.cache import build_cache
+from rcic.data.dataset import EpochBatchSampler, Normalizer, make_loader
+from rcic.data.layout import RxRx1
+from rcic.data.synthetic import SynthSpec, generate
+from rcic.models import create_loss, create_model
+from rcic.train import Trainer
+
+
+class SeedsWay(torch.utils.data.Dataset):
+    """The seeds' per-sample work on rcic's samples: float32 and normalisation on the CPU."""
+
+    def __init__(self, sites, normalize):
+        self.sites, self.normalize = sites, normalize   # the same Normalizer, kept on the CPU
+
+    def __len__(self):
+        return len(self.sites)
+
+    def __getitem__(self, key):
+        item = self.sites[key]
+        image = self.normalize(item["image"][None], torch.tensor([item["norm_idx"]]))[0]
+        return {"image": image, "label": item["label"], "cell_type": item["cell_type"]}
+
+
+class Baseline:
+    """A plain fp32 training loop as the seeds wrote it, on the Trainer's model architecture."""
+
+    def __init__(self, trainer, workers):
+        recipe, device = trainer.recipe, trainer.device
+        torch.manual_seed(recipe.train.seed)
+        self.model = create_model(recipe.model, trainer.num_classes, len(trainer.cell_types),
+                                  with_pretrained=False).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=recipe.optim.lr,
+                                          fused=False, foreach=False)
+        self.criterion = create_loss(recipe.model)
+        self.dataset = SeedsWay(trainer.train_set, Normalizer.for_dataset(trainer.data,
+                                                                          trainer.train_set))
+        self.recipe, self.device, self.workers = recipe, device, workers
+
+    def batches(self):
+        epoch = 0
+        while True:
+            sampler = EpochBatchSampler(len(self.dataset), self.recipe.data.batch_size,
+                                        self.recipe.train.seed, epoch)
+            yield from make_loader(self.dataset, batch_sampler=sampler, num_workers=self.workers)
+            epoch += 1
+
+    def step(self, batch):
+        self.model.train()
+        images = batch["image"].to(self.device)
+        labels = batch["label"].to(self.device)
+        loss = self.criterion(self.model(images, batch["cell_type"].to(self.device)), labels)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        loss.item()      # the seeds logged a running loss every step: one host sync per step
+        return len(labels)
+
+
+class RcicStep:
+    """rcic's own step: Trainer.step_groups feeding Trainer.train_step, epoch after epoch."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def batches(self):
+        while True:
+            yield from self.trainer.step_groups()
+
+    def step(self, group):
+        self.trainer.train_step(group)
+        return sum(len(b["label"]) for b in group)
+
+
+class Meter:
+    """Steps one variant and keeps the best measured round: (images/s, share waiting for data)."""
+
+    def __init__(self, name, runner, device):
+        self.name, self.runner, self.device = name, runner, device
+        self.source = runner.batches()
+        self.rounds = []
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self, steps):
+        images, waited = 0, 0.0
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            asked = time.perf_counter()
+            batch = next(self.source)
+            waited += time.perf_counter() - asked
+            images += self.runner.step(batch)
+            self.sync()
+        elapsed = time.perf_counter() - start
+        return images / elapsed, waited / elapsed
+
+    def measure(self, steps):
+        self.rounds.append(self.run(steps))
+
+    @property
+    def best(self):
+        return max(self.rounds)
+
+
+def make_trainer(folder, args, device):
+    """A Trainer on a synthetic RxRx1 folder read through a raw uint8 cache at --size px."""
+    spec = SynthSpec(n_classes=args.classes, n_positive_controls=1, image_size=args.size,
+                     train_experiments=2, test_experiments=1, cell_types=["HUVEC"])
+    data = RxRx1(generate(folder / "data", spec))
+    cache = build_cache(data, folder / "cache", args.size, progress=False, format="raw",
+                        split="train")
+    recipe = Recipe()
+    recipe.data.image_size, recipe.data.cache = args.size, str(cache)
+    recipe.data.batch_size, recipe.data.num_workers = args.batch, args.workers
+    recipe.data.augment = args.augment
+    recipe.model.backbone = args.backbone
+    recipe.train.epochs = 10 ** 6      # the schedule must not run out during the benchmark
+    return Trainer(recipe, data, device, with_pretrained=False)
+
+
+def main():
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="resnet50" if cuda else "tiny",
+                   help="any rcic backbone name (default: resnet50 on CUDA, tiny on CPU)")
+    p.add_argument("--size", type=int, default=256 if cuda else 64, help="image side in px")
+    p.add_argument("--batch", type=int, default=64 if cuda else 16)
+    p.add_argument("--workers", type=int, default=os.cpu_count() if cuda else 0,
+                   help="DataLoader processes for both variants (default: all cores on CUDA, "
+                        "none on CPU, where the step itself needs every core)")
+    p.add_argument("--augment", default="default", choices=("default", "light", "none"))
+    p.add_argument("--classes", type=int, default=320 if cuda else 32,
+                   help="synthetic treatments; train sites = 2 x this")
+    p.add_argument("--warmup", type=int, default=10 if cuda else 2, help="unmeasured steps")
+    p.add_argument("--steps", type=int, default=40 if cuda else 6, help="steps per round")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--compile", action="store_true",
+                   help="also measure the rcic step with torch.compile (slow to start)")
+    args = p.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name(device) if cuda else \
+        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    print(f"machine: {name}; python {platform.python_version()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"command: python tools/bench_train.py {' '.join(sys.argv[1:])}")
+
+    with tempfile.TemporaryDirectory(prefix="rcic-bench-train-") as tmp:
+        trainer = make_trainer(Path(tmp), args, device)
+        print(f"backbone {args.backbone}, {args.size} px, batch {args.batch}, augment "
+              f"{args.augment}, {args.workers} loader workers, {len(trainer.train_set)} train "
+              f"sites; rcic step: amp {trainer.amp}, channels_last {trainer.channels_last}, "
+              f"optimizer {'fused' if trainer.optimizer.defaults.get('fused') else 'not fused'}")
+        meters = [Meter("baseline", Baseline(trainer, args.workers), device),
+                  Meter("rcic", RcicStep(trainer), device)]
+        if args.compile:
+            compiled = make_trainer(Path(tmp) / "compiled", args, device)
+            compiled.model = torch.compile(compiled.model)
+            meters.append(Meter("compile", RcicStep(compiled), device))
+        for meter in meters:
+            started = time.perf_counter()
+            meter.run(args.warmup)
+            print(f"{meter.name}: {args.warmup} warm-up steps in "
+                  f"{time.perf_counter() - started:.1f} s")
+        for _ in range(args.rounds):
+            for meter in meters:
+                meter.measure(args.steps)
+
+    base = meters[0].best[0]
+    print(f"\n{'variant':<10}{'images/s':>10}{'x baseline':>12}{'waits':>8}   rounds (images/s)")
+    for meter in meters:
+        rate, waits = meter.best
+        rounds = " ".join(f"{r:.1f}" for r, _ in meter.rounds)
+        print(f"{meter.name:<10}{rate:>10.1f}{rate / base:>12.2f}{waits:>8.1%}   {rounds}")
+
+
+if __name__ == "__main__":
+    main()
