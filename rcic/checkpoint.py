@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from rcic import __version__
+from rcic import search
 from rcic.errors import UserError
 
 FORMAT = 1
@@ -301,42 +302,10 @@ def _verified(ref):
 
 
 def _checkpoint_folders(roots):
-    """Folders named ckpt-* at any depth under `roots`.
-
-    Kaggle's /kaggle/input layout varies (``<slug>/``, ``notebooks/<owner>/<slug>/``, ...), so
-    nothing assumes a depth. Symbolic links are followed, each real folder visited once."""
-    if isinstance(roots, (str, os.PathLike)):
-        roots = [roots]
-    seen = set()
-    for root in map(Path, roots):
-        if not root.is_dir() or not _first_visit(root, seen):
-            continue
-        if _NAME.match(root.name):
-            yield root
-            continue
-        for dirpath, dirnames, _ in os.walk(root, followlinks=True):
-            descend = []
-            for name in sorted(dirnames):
-                path = Path(dirpath, name)
-                if name.startswith(_TMP_PREFIX) or not _first_visit(path, seen):
-                    continue
-                if _NAME.match(name):
-                    yield path
-                else:
-                    descend.append(name)
-            dirnames[:] = descend
-
-
-def _first_visit(path, seen):
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    key = (st.st_dev, st.st_ino)
-    if key in seen:
-        return False
-    seen.add(key)
-    return True
+    """Folders named ckpt-* at any depth under `roots` (see rcic.search for how)."""
+    for folder, _ in search.walk(roots, skip=lambda name: name.startswith(_TMP_PREFIX)):
+        if _NAME.match(folder.name):
+            yield folder
 
 
 def _read_manifest(folder):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from rcic import search
 from rcic.config import from_dict
 from rcic.errors import UserError
 
@@ -44,11 +45,7 @@ def load_weights(path, device="cpu"):
 
 def find_weights(roots):
     """Every weights.pt under the roots, searched recursively, newest step first."""
-    found = []
-    for root in roots:
-        root = Path(root)
-        if root.is_dir():
-            found += [p for p in root.rglob(WEIGHTS_NAME) if p.is_file()]
+    found = [folder / WEIGHTS_NAME for folder, files in search.walk(roots) if WEIGHTS_NAME in files]
     def step(p):
         try:
             return torch.load(p, map_location="cpu", weights_only=False)["meta"].get("step", 0)

@@ -1,22 +1,14 @@
 """rcic-cache: decode every site of an RxRx1 folder once into a uint8 cache at one size."""
-import argparse
 import sys
 from pathlib import Path
 
-from rcic.cli.common import open_data
+from rcic.cli.common import ArgumentParser, open_data
 from rcic.data.cache import FORMATS, build_cache
 from rcic.errors import UserError, cli_main
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is a UserError: one line, exit 2, like every other error."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see rcic-cache --help)")
-
-
 def run(argv):
-    parser = Parser(prog="rcic-cache", description=__doc__)
+    parser = ArgumentParser(prog="rcic-cache", description=__doc__)
     parser.add_argument("--data", type=Path,
                         help="RxRx1 folder (default: the embedded synthetic data)")
     parser.add_argument("--out", type=Path, required=True, help="cache folder to build or resume")

@@ -14,6 +14,7 @@ KAGGLE_USERNAME and KAGGLE_KEY); nothing else does.
 import argparse
 from pathlib import Path
 
+from rcic.cli.common import ArgumentParser
 from rcic.errors import UserError, cli_main
 from rcic.kaggle import chain
 
@@ -113,7 +114,7 @@ def cmd_local(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    p = ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

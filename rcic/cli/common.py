@@ -1,9 +1,18 @@
 """Pieces every console script shares: the data folder default and logging to a file."""
+import argparse
 import logging
 import sys
 from pathlib import Path
 
 from rcic.data.layout import RxRx1
+from rcic.errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is a UserError: one line, exit 2, like every other error."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def open_data(path, check_images=True):

@@ -1,5 +1,4 @@
 """rcic-stage: train one time-budgeted stage that resumes exactly where the last one stopped."""
-import argparse
 import json
 import os
 import subprocess
@@ -7,7 +6,7 @@ import sys
 from pathlib import Path
 
 from rcic.budget import Budget, parse_duration, process_start_time
-from rcic.cli.common import open_data, setup_logging
+from rcic.cli.common import ArgumentParser, open_data, setup_logging
 from rcic.config import load_recipe
 from rcic.errors import cli_main
 
@@ -32,7 +31,7 @@ def launch_distributed(gpus, argv, start):
 def run(argv):
     # The budget counts from process start, imports included; under --gpus, from the launcher's.
     start = float(os.environ.get("RCIC_START_TIME") or process_start_time())
-    p = argparse.ArgumentParser(prog="rcic-stage", description=__doc__)
+    p = ArgumentParser(prog="rcic-stage", description=__doc__)
     p.add_argument("--config", help="recipe YAML (default: the built-in tiny CPU recipe)")
     p.add_argument("--data", help="RxRx1 folder (default: the embedded synthetic data)")
     p.add_argument("--out", default="runs/stage", help="output folder (default: runs/stage)")

@@ -1,12 +1,12 @@
 """rcic-submission check FILE: validate a submission.csv the way Kaggle will score it."""
-import argparse
 
+from rcic.cli.common import ArgumentParser
 from rcic.errors import cli_main
 from rcic.submission import check_submission
 
 
 def run(argv):
-    p = argparse.ArgumentParser(prog="rcic-submission", description=__doc__)
+    p = ArgumentParser(prog="rcic-submission", description=__doc__)
     commands = p.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="check every test id once, integer siRNAs 0..1107")
     check.add_argument("file", help="the submission CSV (id_code,sirna)")

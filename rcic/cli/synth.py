@@ -1,12 +1,12 @@
 """rcic-synth: write the embedded RxRx1-shaped synthetic dataset to a folder."""
-import argparse
 
 from rcic.data.synthetic import CELL_TYPES, SynthSpec, generate
+from rcic.cli.common import ArgumentParser
 from rcic.errors import cli_main
 
 
 def run(argv):
-    p = argparse.ArgumentParser(prog="rcic-synth", description=__doc__)
+    p = ArgumentParser(prog="rcic-synth", description=__doc__)
     p.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
     p.add_argument("--classes", type=int, default=SynthSpec.n_classes,
                    help="treatment siRNAs, a multiple of 4 (1108 as in RxRx1)")

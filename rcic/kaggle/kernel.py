@@ -45,6 +45,11 @@ def run_kernel(settings, input_root, working):
                     lambda _: run(settings, Path(input_root), Path(working)))
 
 
+def gpu_count():
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def run_stage(settings, input_root, working):
     from rcic.cli.stage import main as stage_main
 
@@ -62,6 +67,9 @@ def run_stage(settings, input_root, working):
         argv += ["--config", str(recipe)]
     if settings.get("steps"):
         argv += ["--steps", str(settings["steps"])]
+    gpus = gpu_count()
+    if gpus > 1:   # NvidiaTeslaT4 machines have two: one DDP process per GPU
+        argv += ["--gpus", str(gpus)]
     print(f"rcic stage {settings['stage']}/{settings['stages']}: data {data}, "
           f"budget {settings['budget']}, earlier stages: {', '.join(previous) or 'none'}",
           flush=True)
