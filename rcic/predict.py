@@ -14,6 +14,7 @@ others predict every cell type they know. Where both kinds cover a well, the mea
 specialists and the mean of the generalists get equal weight, so one fine-tuned specialist
 is not drowned by several general models, nor the reverse.
 """
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -22,8 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import Subset
 from tqdm import tqdm
 
+from rcic.adabn import (MODES as ADABN_MODES, batchnorm_layers, plate_rows, plate_statistics,
+                        use_adabn)
 from rcic.data.dataset import Normalizer, SiteDataset, make_loader
 from rcic.errors import UserError
 from rcic.plates import MODES, PlateStructure, plate_step
@@ -110,23 +114,39 @@ def view_probabilities(model, x, cell_type, views, n_treatments):
 
 
 @torch.inference_mode()
-def site_probabilities(member, data, sites, views, batch_size, device, workers=0, cache=""):
-    """Probabilities of every row of `sites`, [len(sites), n_treatments] float32."""
+def site_probabilities(member, data, sites, views, batch_size, device, workers=0, cache="",
+                       adabn=False):
+    """Probabilities of every row of `sites`, [len(sites), n_treatments] float32.
+
+    adabn: predict plate by plate, each with BatchNorm statistics of its own images (adabn.py);
+    the plate's images are then read twice, once to measure them and once to predict."""
     recipe = member.recipe
     recipe.data.cache = cache     # the recipe's own cache path belongs to the training machine
     dataset = SiteDataset(data, sites, recipe, train=False, cell_types=member.meta["cell_types"])
     normalize = Normalizer.for_dataset(data, dataset).to(device)
-    loader = make_loader(dataset, batch_size=batch_size, num_workers=workers,
-                         pin_memory=device.type == "cuda")
     amp = device.type == "cuda" and recipe.optim.amp
-    out = np.zeros((len(sites), data.n_treatments), np.float32)
-    for batch in tqdm(loader, desc=f"predict {member.path}", disable=None, leave=False):
-        images = batch["image"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+
+    def inputs(rows):
+        """(batch, normalised images, cell types) of the given rows, batch by batch."""
+        loader = make_loader(Subset(dataset, rows), batch_size=batch_size, num_workers=workers,
+                             pin_memory=device.type == "cuda")
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
             x = normalize(images, batch["norm_idx"].to(device))
-            probs = view_probabilities(member.model, x, batch["cell_type"].to(device), views,
-                                       data.n_treatments)
-        out[batch["index"].numpy()] = probs.float().cpu().numpy()
+            yield batch, x, batch["cell_type"].to(device)
+
+    out = np.zeros((len(sites), data.n_treatments), np.float32)
+    parts = plate_rows(sites) if adabn else [np.arange(len(sites))]
+    with tqdm(total=len(sites), unit="site", desc=f"predict {member.path}", disable=None,
+              leave=False) as bar, torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        for rows in parts:
+            own_statistics = (plate_statistics(member.model, ((x, c) for _, x, c in inputs(rows)))
+                              if adabn else contextlib.nullcontext())
+            with own_statistics:
+                for batch, x, cell_type in inputs(rows):
+                    probs = view_probabilities(member.model, x, cell_type, views, data.n_treatments)
+                    out[batch["index"].numpy()] = probs.float().cpu().numpy()
+                    bar.update(len(x))
     return out
 
 
@@ -162,10 +182,15 @@ class Ensemble:
 
 
 def predict(data, checkpoints, out, views, plates="assign", batch_size=64, device="cpu",
-            workers=0, cache=""):
-    """Write and validate the submission; return the report (also saved beside it)."""
+            workers=0, cache="", adabn="auto"):
+    """Write and validate the submission; return the report (also saved beside it).
+
+    adabn: auto, on or off: per-plate BatchNorm statistics (adabn.py); auto decides per
+    checkpoint from its recipe."""
     if plates not in MODES:
         raise UserError(f"--plates {plates}: choose one of {', '.join(MODES)}")
+    if adabn not in ADABN_MODES:
+        raise UserError(f"--adabn {adabn}: choose one of {', '.join(ADABN_MODES)}")
     sites = data.test_sites()
     wells = sites.drop_duplicates("id_code").reset_index(drop=True)
     ensemble = Ensemble(len(wells), data.n_treatments)
@@ -179,13 +204,18 @@ def predict(data, checkpoints, out, views, plates="assign", batch_size=64, devic
         log.info("predicting %d test sites (%s) with %s", mine.sum(),
                  ", ".join(sorted(sites.loc[mine, "cell_type"].unique())), path)
         part = sites[mine].reset_index(drop=True)
-        probs = site_probabilities(member, data, part, views, batch_size, device, workers, cache)
+        per_plate = use_adabn(adabn, member.recipe)
+        if per_plate and not batchnorm_layers(member.model):
+            log.warning("weights %s have no BatchNorm layer: --adabn changes nothing", path)
+        probs = site_probabilities(member, data, part, views, batch_size, device, workers, cache,
+                                   per_plate)
         ids = part["id_code"].drop_duplicates()
         rows = wells.index[wells["id_code"].isin(ids)].to_numpy()
         ensemble.add("specialist" if member.specialist else "generalist", rows,
                      well_probabilities(part, probs, wells["id_code"].to_numpy()[rows]))
         used.append({"path": str(path), "cell_types": member.cell_types,
-                     "step": member.meta.get("step"), "done": member.meta.get("done")})
+                     "step": member.meta.get("step"), "done": member.meta.get("done"),
+                     "adabn": per_plate})
         del member
     uncovered = sorted(wells.loc[~ensemble.covered(), "cell_type"].unique())
     if uncovered:
