@@ -146,6 +146,32 @@ def test_repeat_stem_tiles_rgb_twice_and_halves_it(tmp_path):
                                F.conv2d(x.repeat(1, 3, 1, 1), rgb))
 
 
+def test_timm_weights_in_safetensors_get_the_same_stem_rules(tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+    state = timm.create_model("resnet18", pretrained=False).state_dict()   # 3 channels, with fc
+    save_file(state, tmp_path / "model.safetensors")
+    model = create_model(ModelConfig(backbone="timm:resnet18",
+                                     pretrained=str(tmp_path / "model.safetensors")), 5, 1)
+    torch.testing.assert_close(model.backbone.net.conv1.weight,
+                               state["conv1.weight"].mean(1, keepdim=True).repeat(1, 6, 1, 1))
+    assert torch.equal(model.backbone.net.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+
+
+def test_torchvision_published_densenet_key_names_load(tmp_path):
+    state = torchvision.models.densenet121(weights=None).state_dict()
+    # the downloadable densenet121-a639ec97.pth names "norm1" as "norm.1" and, older than
+    # torch 0.4.1, has no num_batches_tracked
+    old = {k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."): v
+           for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    torch.save(old, tmp_path / "densenet121-a639ec97.pth")
+    model = create_model(ModelConfig(backbone="densenet121",
+                                     pretrained=str(tmp_path / "densenet121-a639ec97.pth")), 5, 1)
+    key = "features.denseblock4.denselayer16.conv2.weight"
+    assert torch.equal(model.backbone.net.state_dict()[key], state[key])
+
+
 def test_wrapped_and_data_parallel_state_dicts_load(tmp_path):
     state, stem_key = three_channel_state("tiny")
     torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, tmp_path / "w.pth")

@@ -34,7 +34,7 @@ def conv_bn_relu(c_in, c_out, stride):
 
 
 def tiny(in_chans):
-    # Four conv-BN-ReLU blocks (about 36 M multiply-adds per 48 px image): enough to read the
+    # Four conv-BN-ReLU blocks (about 16 M multiply-adds per 32 px image): enough to read the
     # channel mix and cell size the synthetic classes differ by, fast on a 2-core CPU.
     widths = [32, 64, 128, 256]
     layers, c_in = [], in_chans

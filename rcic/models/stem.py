@@ -1,7 +1,7 @@
 """Pretrained 3-channel weights into a 6-channel backbone, from a local file only.
 
-The file is a state_dict as torchvision, efficientnet-pytorch or timm save it
-(`torch.save(model.state_dict(), path)`). Every tensor must fit the backbone exactly, except
+The file is a state_dict as torchvision, efficientnet-pytorch or timm save or publish it
+(`torch.save(model.state_dict(), path)`, a downloaded .pth, or timm's .safetensors). Every tensor must fit the backbone exactly, except
 - the first convolution's kernel [out, 3, k, k], which becomes [out, 6, k, k] by `stem_init`:
     "mean":   the mean over R, G, B, repeated on all six channels (seed 001's choice: no
               channel of a fluorescence image is more "red" than another);
@@ -12,6 +12,8 @@ Anything else that does not fit is refused with one line naming the file and the
 silent partial load would train from noise while looking pretrained.
 """
 import logging
+import re
+from pathlib import Path
 
 import torch
 
@@ -31,13 +33,31 @@ def widen_kernel(kernel, in_chans, stem_init):
     raise ValueError(stem_init)
 
 
+# torchvision's published DenseNet files still use the old key names ("norm.1" for "norm1");
+# torchvision renames them when it loads them, and so do we (its own pattern).
+LEGACY_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def loader_for(path):
+    if not str(path).endswith(".safetensors"):
+        return lambda p: torch.load(p, map_location="cpu", weights_only=True)
+    try:   # how timm's model hub ships weights now
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"pretrained weights file {path} is a .safetensors file, which needs the "
+                        f"safetensors package (timm brings it): pip install safetensors") from None
+    return load_file
+
+
 def read_state_dict(path):
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    if not Path(path).is_file():
         raise UserError(f"pretrained weights file {path} does not exist (model.pretrained): "
                         f"give the path of a local 3-channel state_dict, or leave it empty "
-                        f"for random init") from None
+                        f"for random init")
+    load = loader_for(path)
+    try:
+        obj = load(path)
     except Exception as err:  # torch.load raises many kinds for a file that is not a checkpoint
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot read pretrained weights file {path} ({first}): save it with "
@@ -50,7 +70,12 @@ def read_state_dict(path):
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"pretrained weights file {path} does not hold a state_dict: save it "
                         f"with torch.save(model.state_dict(), path)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    state = {}
+    for key, value in obj.items():
+        key = key.removeprefix("module.")
+        legacy = LEGACY_DENSENET_KEY.match(key)
+        state[legacy.group(1) + legacy.group(2) if legacy else key] = value
+    return state
 
 
 def load_pretrained(backbone, path, stem_init, backbone_name):
@@ -60,7 +85,10 @@ def load_pretrained(backbone, path, stem_init, backbone_name):
     loaded, problems = {}, []
     for key, target in own.items():
         if key not in given:
-            problems.append(f"{key} missing")
+            if key.endswith("num_batches_tracked"):   # files older than torch 0.4.1 lack it
+                loaded[key] = target
+            else:
+                problems.append(f"{key} missing")
             continue
         tensor = given[key]
         if tensor.shape == target.shape:
