@@ -99,7 +99,8 @@ class Stage:
     def fits(self, kind):
         """Does one more unit of `kind` plus the final save still fit in the budget?"""
         # Before the first step is measured nothing is known about it; the final save is.
-        need = self.times.estimate(kind, default=0.0) + self.times.estimate("save")
+        default = self.times.estimate("eval", 0.0) * self.n_test_per_val if kind == "pseudo" else 0.0
+        need = self.times.estimate(kind, default=default) + self.times.estimate("save")
         return all_agree(self.budget.fits(need) and not self.stop.requested, self.world, self.device)
 
     # -- run --------------------------------------------------------------------------------
@@ -143,6 +144,9 @@ class Stage:
         n_bytes = sum(p.numel() * p.element_size() for p in trainer.raw_model.parameters())
         self.times.seed("save", 1.0 + 3 * n_bytes / 50e6)
         self.times.seed("eval", 0.0)
+        # Choosing pseudo-labels predicts the test set: guessed from the validation time.
+        n_test = len(self.data.test_sites(self.recipe.data.cell_types))
+        self.n_test_per_val = n_test / max(1, len(trainer.val_set))
 
     def train(self, trainer):
         bar = tqdm(total=trainer.total_steps, initial=min(trainer.global_step, trainer.total_steps),
@@ -154,6 +158,15 @@ class Stage:
                 if not self.fits("eval"):
                     break
                 self.evaluate(trainer, bar)
+                continue
+            if trainer.pending_pseudo:
+                if not self.fits("pseudo"):
+                    break
+                with self.times.timer("pseudo"):
+                    n = trainer.refresh_pseudo()
+                self.changed = True
+                log.info("epoch %d: %d pseudo-labelled test wells join the training set",
+                         trainer.epoch, n)
                 continue
             stopped = False
             last = time.perf_counter()

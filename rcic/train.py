@@ -10,6 +10,7 @@ import contextlib
 import random
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from rcic.data.layout import N_CONTROL_CLASSES
 from rcic.data.dataset import EpochBatchSampler, Normalizer, SiteDataset, make_loader
 from rcic.errors import UserError
 from rcic.models import create_loss, create_model, set_backbone_trainable
+from rcic.pseudo import choose_pseudo_labels, pseudo_sites, schedule_fraction
 from rcic.optim import create_ema, create_optimizer, create_scheduler
 
 
@@ -49,11 +51,13 @@ class Trainer:
             recipe.data.val_experiments, recipe.data.cell_types, recipe.data.use_controls,
             recipe.data.use_test_controls)
         self.cell_types = sorted(data.wells["cell_type"].unique())
-        self.train_set = SiteDataset(data, train_sites, recipe, train=True, cell_types=self.cell_types)
+        self.base_train_sites = train_sites
+        self.pseudo_labels = None     # DataFrame id_code, sirna, confidence (pseudo.py)
+        self.pseudo_epoch = -1        # the epoch whose start chose pseudo_labels
+        self.build_train_set()
         self.val_set = SiteDataset(data, val_sites, recipe, train=False, cell_types=self.cell_types)
         with_controls = recipe.data.use_controls or recipe.data.use_test_controls
         self.num_classes = data.n_treatments + (N_CONTROL_CLASSES if with_controls else 0)
-        self.normalize_train = Normalizer.for_dataset(data, self.train_set).to(device)
         self.normalize_val = Normalizer.for_dataset(data, self.val_set).to(device)
 
         self.model = create_model(recipe.model, self.num_classes, len(self.cell_types),
@@ -69,8 +73,9 @@ class Trainer:
         self.criterion = create_loss(recipe.model)
         self.optimizer = create_optimizer(recipe.optim, self.raw_model)
         self.accum = max(1, recipe.optim.accumulation_steps)
-        self.groups = (self.train_set.sites["experiment"] + "_" + self.train_set.sites["plate"].astype(str)
-                       ).to_numpy() if recipe.data.plate_batches else None
+        # The epoch length is fixed by the labelled set: pseudo-labels change what an epoch
+        # draws from, never how many steps it has, so the LR schedule stays the same.
+        self.batches_per_epoch = None   # no limit while measuring the labelled set
         self.batches_per_epoch = len(self._sampler(0, 0).batches)
         if self.batches_per_epoch == 0:
             raise UserError(f"data.batch_size {recipe.data.batch_size} is larger than the "
@@ -92,6 +97,35 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=device)
         self._loss_count = 0
 
+    def build_train_set(self):
+        """The labelled train sites plus the current pseudo-labelled test sites."""
+        sites = pd.concat([self.base_train_sites, pseudo_sites(self.data, self.pseudo_labels)],
+                          ignore_index=True)
+        self.train_set = SiteDataset(self.data, sites, self.recipe, train=True,
+                                     cell_types=self.cell_types)
+        self.normalize_train = Normalizer.for_dataset(self.data, self.train_set).to(self.device)
+        self.groups = (sites["experiment"] + "_" + sites["plate"].astype(str)).to_numpy() \
+            if self.recipe.data.plate_batches else None
+
+    @property
+    def pending_pseudo(self):
+        """At the start of an epoch that uses pseudo-labels, before they are chosen."""
+        return (schedule_fraction(self.recipe.pseudo, self.epoch) > 0 and self.batch_in_epoch == 0
+                and self.pseudo_epoch != self.epoch and self.global_step < self.total_steps)
+
+    def refresh_pseudo(self):
+        """Choose this epoch's pseudo-labels with the current weights (rank 0 decides)."""
+        labels = [None]
+        if self.rank == 0:
+            labels[0] = choose_pseudo_labels(
+                self.inference_model(), self.data, self.recipe, self.cell_types, self.device,
+                schedule_fraction(self.recipe.pseudo, self.epoch), self.recipe.data.batch_size * 2)
+        if self.world > 1:
+            dist.broadcast_object_list(labels, src=0)
+        self.pseudo_labels, self.pseudo_epoch = labels[0], self.epoch
+        self.build_train_set()
+        return len(labels[0])
+
     # -- state ------------------------------------------------------------------------------
     def state_dict(self):
         return {
@@ -109,6 +143,7 @@ class Trainer:
                          # history of a split run matches an uninterrupted one
                          "loss_sum": self._loss_sum.item(), "loss_count": self._loss_count},
             "history": list(self.history),
+            "pseudo": {"labels": self.pseudo_labels, "epoch": self.pseudo_epoch},
             "recipe": self.recipe.to_dict(),
             "recipe_hash": self.recipe.training_hash(),
             "package_version": rcic.__version__,
@@ -130,6 +165,9 @@ class Trainer:
         for key, value in counters.items():
             setattr(self, key, value)
         self.history = list(state["history"])
+        pseudo = state.get("pseudo") or {"labels": None, "epoch": -1}
+        self.pseudo_labels, self.pseudo_epoch = pseudo["labels"], pseudo["epoch"]
+        self.build_train_set()
 
     def gather_rng(self):
         if self.world == 1:
@@ -157,7 +195,7 @@ class Trainer:
     def _sampler(self, epoch, start):
         return EpochBatchSampler(len(self.train_set), self.recipe.data.batch_size,
                                  self.recipe.train.seed, epoch, start, self.groups,
-                                 self.world, self.rank)
+                                 self.world, self.rank, limit=self.batches_per_epoch)
 
     def _loader(self, dataset, **kwargs):
         # A private generator: creating a loader iterator must not draw from the global torch

@@ -148,9 +148,11 @@ class EpochBatchSampler(Sampler):
     every batch is drawn from a single group (AdaBN-style plate batches).
     """
 
-    def __init__(self, n, batch_size, seed, epoch, start=0, groups=None, world=1, rank=0):
+    def __init__(self, n, batch_size, seed, epoch, start=0, groups=None, world=1, rank=0,
+                 limit=None):
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.start, self.groups, self.world, self.rank = start, groups, world, rank
+        self.limit = limit            # at most this many batches per rank (a fixed epoch length)
         self.batches = self._epoch_batches()
 
     def _epoch_batches(self):
@@ -169,7 +171,7 @@ class EpochBatchSampler(Sampler):
         # Each rank takes every world-th batch; all ranks see the same number of batches, so
         # no rank can run a step the others do not (a collective would hang).
         usable = len(batches) - len(batches) % self.world
-        return [batches[i] for i in range(self.rank, usable, self.world)]
+        return [batches[i] for i in range(self.rank, usable, self.world)][:self.limit]
 
     def __len__(self):
         return max(0, len(self.batches) - self.start)

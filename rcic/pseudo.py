@@ -1,0 +1,61 @@
+"""Progressive pseudo-labelling, as the 1st-place solution did it, built to cross stages.
+
+At the start of each epoch from `pseudo.start_epoch` on, the current model predicts the test
+wells; the per-plate assignment (plates.py) gives every well one siRNA, at most once per plate;
+the most confident `fraction` of those wells join the training set with that label. The
+fraction grows by `fraction_per_epoch` each epoch up to `max_fraction`.
+
+The chosen set is part of the checkpoint, so the next stage trains on exactly what this one
+chose; it is never recomputed on resume.
+"""
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rcic.plates import PlateStructure, plate_step
+
+
+def schedule_fraction(pseudo_cfg, epoch):
+    """Share of the test wells used as pseudo-labels in `epoch` (0 before start_epoch)."""
+    if not pseudo_cfg.enabled or epoch < pseudo_cfg.start_epoch:
+        return 0.0
+    grown = pseudo_cfg.fraction_per_epoch * (epoch - pseudo_cfg.start_epoch + 1)
+    return min(pseudo_cfg.max_fraction, grown)
+
+
+def choose_pseudo_labels(model, data, recipe, cell_types, device, fraction, batch_size):
+    """DataFrame id_code, sirna, confidence: the most confident assigned test wells."""
+    from rcic.predict import Member, site_probabilities, well_probabilities
+    from rcic.tta import views
+
+    sites = data.test_sites(recipe.data.cell_types)
+    # site_probabilities edits the recipe it is given: hand it a copy.
+    member = Member(Path("<training>"), model, copy.deepcopy(recipe), {"cell_types": cell_types})
+    was_training = model.training
+    model.eval()
+    site_probs = site_probabilities(member, data, sites, views(1), batch_size, device,
+                                    cache=recipe.data.cache)
+    model.train(was_training)
+    wells = sites.drop_duplicates("id_code").reset_index(drop=True)
+    probs = well_probabilities(sites, site_probs, wells["id_code"])
+    train_wells = data.wells[(data.wells["split"] == "train") & (data.wells["well_type"] == "treatment")]
+    structure = PlateStructure.learn(train_wells, data.n_treatments)
+    sirna = plate_step("assign", wells, probs, structure)
+    confidence = probs[np.arange(len(wells)), sirna]
+    keep = int(round(fraction * len(wells)))
+    # Stable order: equal confidences are broken by the wells' order, never by chance.
+    chosen = np.argsort(-confidence, kind="stable")[:keep]
+    return pd.DataFrame({"id_code": wells["id_code"].to_numpy()[chosen],
+                         "sirna": sirna[chosen].astype(int),
+                         "confidence": confidence[chosen].astype(float)})
+
+
+def pseudo_sites(data, labels):
+    """Both sites of every pseudo-labelled well, with the pseudo siRNA as its label."""
+    if labels is None or len(labels) == 0:
+        return data.sites.iloc[:0]
+    sites = data.sites[data.sites["id_code"].isin(labels["id_code"])].copy()
+    sites["sirna"] = sites["id_code"].map(dict(zip(labels["id_code"], labels["sirna"])))
+    return sites
