@@ -55,7 +55,8 @@ class Trainer:
         self.pseudo_labels = None     # DataFrame id_code, sirna, confidence (pseudo.py)
         self.pseudo_epoch = -1        # the epoch whose start chose pseudo_labels
         self.build_train_set()
-        self.val_set = SiteDataset(data, val_sites, recipe, train=False, cell_types=self.cell_types)
+        self.val_set = SiteDataset(data, val_sites, recipe, train=False, cell_types=self.cell_types,
+                                   verify_cache=False)
         with_controls = recipe.data.use_controls or recipe.data.use_test_controls
         self.num_classes = data.n_treatments + (N_CONTROL_CLASSES if with_controls else 0)
         self.normalize_val = Normalizer.for_dataset(data, self.val_set).to(device)
@@ -101,8 +102,10 @@ class Trainer:
         """The labelled train sites plus the current pseudo-labelled test sites."""
         sites = pd.concat([self.base_train_sites, pseudo_sites(self.data, self.pseudo_labels)],
                           ignore_index=True)
+        # The cache is verified byte by byte once, when the first training set is built.
         self.train_set = SiteDataset(self.data, sites, self.recipe, train=True,
-                                     cell_types=self.cell_types)
+                                     cell_types=self.cell_types,
+                                     verify_cache=not hasattr(self, "train_set"))
         self.normalize_train = Normalizer.for_dataset(self.data, self.train_set).to(self.device)
         self.groups = (sites["experiment"] + "_" + sites["plate"].astype(str)).to_numpy() \
             if self.recipe.data.plate_batches else None

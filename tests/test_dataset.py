@@ -80,3 +80,15 @@ def test_normalizer_per_experiment_uses_pixel_stats(tiny_data):
     assert torch.allclose(x[0], expected, atol=1e-5)
     per_image = Normalizer()(item["image"][None], torch.zeros(1, dtype=torch.long))
     assert per_image.mean(dim=(2, 3)).abs().max() < 1e-4
+
+
+def test_cache_and_png_paths_give_identical_batches(tiny_data, tmp_path):
+    from rcic.data.cache import build_cache
+    data = RxRx1(tiny_data)
+    train, _ = data.split_sites()
+    cache = build_cache(data, tmp_path / "cache", 12, workers=1, progress=False)
+    from_png = SiteDataset(data, train, recipe(image_size=12), train=True)
+    from_cache = SiteDataset(data, train, recipe(image_size=12, cache=str(cache)), train=True)
+    assert from_png[0]["image"].shape == (6, 12, 12)
+    for key in [(0, 0), (1, 3), (2, len(train) - 1)]:   # augmented, so (epoch, index) keys
+        assert torch.equal(from_png[key]["image"], from_cache[key]["image"])

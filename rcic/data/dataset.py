@@ -22,12 +22,13 @@ from rcic.data.images import decode_site
 from rcic.errors import UserError
 
 
-def site_reader(data, recipe):
-    """`read(row) -> uint8 (6,S,S)`: the cache when the recipe names one, else the PNGs."""
+def site_reader(data, recipe, verify=True):
+    """`read(row) -> uint8 (6,S,S)`: the cache when the recipe names one, else the PNGs.
+    verify=False skips re-reading every byte of a cache another dataset has just verified."""
     size = recipe.data.image_size
     if recipe.data.cache:
         from rcic.data.cache import open_cache   # only runs that use a cache need it
-        cache = open_cache(recipe.data.cache, data, size)
+        cache = open_cache(recipe.data.cache, data, size, verify=verify)
         return lambda row: cache.read(row.id_code, row.site)
     return lambda row: decode_site(data.paths(row), size)
 
@@ -59,10 +60,10 @@ def sample_seed(seed, epoch, index):
 class SiteDataset(Dataset):
     """Sites of one split. Keys are (epoch, index) pairs, or plain indices for evaluation."""
 
-    def __init__(self, data, sites, recipe, train, cell_types=None):
+    def __init__(self, data, sites, recipe, train, cell_types=None, verify_cache=True):
         self.sites = sites.reset_index(drop=True)
         self.recipe = recipe
-        self.read = site_reader(data, recipe)
+        self.read = site_reader(data, recipe, verify_cache)
         self.augment = build_augment(recipe.data.augment) if train else None
         self.seed = recipe.train.seed
         self.labels = data.class_index(self.sites["sirna"].to_numpy())
