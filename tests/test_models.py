@@ -100,10 +100,11 @@ def test_ce_plus_arcface_loss_is_the_weighted_sum_and_the_score_combines_both():
     arc = F.cross_entropy(arcface_logits(outputs["cosine"], labels, 8.0, 0.3), labels)
     torch.testing.assert_close(create_loss(cfg)(outputs, labels), ce + 0.25 * arc)
     model = create_model(cfg, num_classes=5, num_cell_types=1)
-    expected = (F.log_softmax(outputs["logits"], 1) + 0.25 * F.log_softmax(8.0 * outputs["cosine"], 1))
+    expected = F.log_softmax(outputs["logits"], 1) + 0.25 * F.log_softmax(8 * outputs["cosine"], 1)
     torch.testing.assert_close(model.logits(outputs), expected)
     margin_model = create_model(ModelConfig(head="amsoftmax", scale=8.0), 5, 1)
-    torch.testing.assert_close(margin_model.logits({"cosine": outputs["cosine"]}), 8.0 * outputs["cosine"])
+    torch.testing.assert_close(margin_model.logits({"cosine": outputs["cosine"]}),
+                               8.0 * outputs["cosine"])
 
 
 # -- pretrained stem ------------------------------------------------------------------------

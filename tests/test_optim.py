@@ -112,7 +112,8 @@ def test_schedule_shapes():
     assert exponential == pytest.approx([1, 1, 1, 0.9, 0.9, 0.9, 0.81, 0.81, 0.81])
     assert lr_curve(OptimConfig(lr=0.1, scheduler="none"), 3, 4) == pytest.approx([0.1] * 4)
     onecycle = lr_curve(OptimConfig(lr=1.0, scheduler="onecycle", warmup_steps=5), 5, 20)
-    assert max(onecycle) == pytest.approx(1.0) and onecycle.index(max(onecycle)) == 4  # peak on the 5th step, as cosine
+    # the peak comes on the 5th step, where the cosine warm-up also reaches it
+    assert max(onecycle) == pytest.approx(1.0) and onecycle.index(max(onecycle)) == 4
     assert onecycle[0] < 0.1 and onecycle[-1] < 1e-3
 
 

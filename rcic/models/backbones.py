@@ -87,7 +87,8 @@ def timm_model(name, in_chans):
         # num_classes=0 leaves the network ending at its global pooling.
         net = timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=0)
     except RuntimeError as err:  # timm's "Unknown model (...)"
-        raise UserError(f"backbone timm:{name}: {err}; see timm.list_models() for the names") from None
+        raise UserError(f"backbone timm:{name}: {err}; see timm.list_models() for the "
+                        f"names") from None
     classifier = net.pretrained_cfg.get("classifier", "")
     return Backbone(net, net.num_features, classifier_prefix=classifier + "." if classifier else "")
 

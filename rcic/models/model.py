@@ -42,7 +42,7 @@ class RcicModel(nn.Module):
         return self.head(self.dropout(self.neck(features)))
 
     def logits(self, outputs):
-        """One score per class, [B, num_classes]: larger is more likely.
+        """One float32 score per class, [B, num_classes]: larger is more likely.
 
         linear: the logits. amsoftmax / arcface: scale * cosine, i.e. the training logits
         without the margin. ce+arcface: the log-probabilities of both heads summed with the
@@ -50,7 +50,7 @@ class RcicModel(nn.Module):
         outvotes one that is not, and averaging scores over TTA views averages log-probabilities.
         """
         if "cosine" not in outputs:
-            return outputs["logits"]
+            return outputs["logits"].float()
         cosine_logits = self.scale * outputs["cosine"].float()
         if "logits" not in outputs:
             return cosine_logits

@@ -1,7 +1,8 @@
 """Pretrained 3-channel weights into a 6-channel backbone, from a local file only.
 
 The file is a state_dict as torchvision, efficientnet-pytorch or timm save or publish it
-(`torch.save(model.state_dict(), path)`, a downloaded .pth, or timm's .safetensors). Every tensor must fit the backbone exactly, except
+(`torch.save(model.state_dict(), path)`, a downloaded .pth, or timm's .safetensors).
+Every tensor must fit the backbone exactly, except
 - the first convolution's kernel [out, 3, k, k], which becomes [out, 6, k, k] by `stem_init`:
     "mean":   the mean over R, G, B, repeated on all six channels (seed 001's choice: no
               channel of a fluorescence image is more "red" than another);
