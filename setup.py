@@ -15,7 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["rcic", "rcic.*"]),
-    package_data={"rcic": ["configs/*.yaml", "kernels/*.py", "kernels/*.json"]},
+    # The kernel scripts are templates that `rcic-chain init` renders (rcic/kernels -> kernels/).
+    package_data={"rcic": ["kernels/*.py", "kernels/*.json"]},
     # Loose bounds on purpose: Kaggle's image brings its own torch, torchvision,
     # albumentations, pandas and tqdm, and installing rcic must never replace them.
     install_requires=[

@@ -69,8 +69,10 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.raw_model = self.model
         if world > 1:
+            # Head-only epochs leave the backbone without gradients, which DDP must be told.
             self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if self.on_gpu else None)
+                self.model, device_ids=[device.index] if self.on_gpu else None,
+                find_unused_parameters=recipe.optim.freeze_backbone_epochs > 0)
         self.criterion = create_loss(recipe.model)
         self.optimizer = create_optimizer(recipe.optim, self.raw_model)
         self.accum = max(1, recipe.optim.accumulation_steps)
