@@ -184,9 +184,10 @@ def main():
     p.add_argument("--experiments", type=int, default=5 if cuda else 2,
                    help="synthetic train experiments, one held out: train sites = "
                         "2 x classes x (experiments - 1)")
-    p.add_argument("--warmup", type=int, default=10 if cuda else 2, help="unmeasured steps")
-    p.add_argument("--steps", type=int, default=40 if cuda else 6, help="steps per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=10 if cuda else 3, help="unmeasured steps")
+    p.add_argument("--steps", type=int, default=40 if cuda else 10, help="steps per round")
+    p.add_argument("--rounds", type=int, default=3 if cuda else 6,
+                   help="alternating measured rounds per variant; the best is reported")
     p.add_argument("--compile", action="store_true",
                    help="also measure the rcic step with torch.compile (slow to start)")
     args = p.parse_args()
