@@ -153,8 +153,25 @@ def from_dict(d, source="recipe"):
     return Recipe(**kwargs)
 
 
+# The least value of counts: below it a recipe trains nothing (`epochs: -3` gave total_steps
+# -3 and a stage that reported the untrained model as done) or fails deep inside torch.
+MINIMUMS = {"data.image_size": 8, "data.batch_size": 1, "data.num_workers": 0,
+            "train.epochs": 1, "train.max_steps": 0, "train.checkpoint_every_steps": 0,
+            "train.eval_every_steps": 0, "train.log_every_steps": 0,
+            "optim.accumulation_steps": 1, "optim.warmup_steps": 0,
+            "optim.freeze_backbone_epochs": 0}
+
+
 def _coerce(value, default, name, source):
     """Check a value against the type of the field's default (YAML gives 1e-3 as a str)."""
+    number = _coerce_type(value, default, name, source)
+    if name in MINIMUMS and number < MINIMUMS[name]:
+        raise UserError(f"recipe field {name} in {source} has value {value!r}: "
+                        f"it must be {MINIMUMS[name]} or more")
+    return number
+
+
+def _coerce_type(value, default, name, source):
     try:
         if isinstance(default, bool):
             if isinstance(value, bool):
