@@ -4,6 +4,7 @@ Everything is validated up front, and every problem found is reported in one mes
 user learns about the missing column *and* the 300 missing PNGs before any training starts.
 """
 import re
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -212,8 +213,11 @@ class RxRx1:
                 for c in range(1, CHANNELS + 1)]
 
     def _check_images(self, problems):
-        """Check that every PNG exists and has a sane header; returns the common image size."""
-        size = None
+        """Check that every PNG exists and has a sane header; returns the common image size.
+
+        The common size is the one most images have: a single odd image is the one named,
+        even when it happens to be checked first."""
+        by_size = defaultdict(list)       # (height, width) -> relative paths
         for row in self.sites.itertuples(index=False):
             for path in self.paths(row):
                 head = png_header(path) if path.exists() else "missing"
@@ -224,9 +228,14 @@ class RxRx1:
                 width, height, depth, color = head
                 if depth != 8 or color != 0:
                     problems.add(f"{rel} is not 8-bit grayscale (bit depth {depth}, colour type {color})")
-                elif size is None:
-                    size = (height, width)
-                elif (height, width) != size:
+                else:
+                    by_size[(height, width)].append(rel)
+        if not by_size:
+            return None
+        size = max(by_size, key=lambda s: len(by_size[s]))
+        for (height, width), paths in by_size.items():
+            if (height, width) != size:
+                for rel in paths:
                     problems.add(f"{rel} is {width}x{height}, the others {size[1]}x{size[0]}")
         return size
 
