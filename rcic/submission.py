@@ -16,14 +16,32 @@ COLUMNS = ["id_code", "sirna"]
 INTEGER = re.compile(r"^[+-]?\d+$")
 
 
+def check_output_path(path):
+    """Refuse a submission path that can never be written, before any work is spent on it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder: name the CSV file to write, e.g. "
+                        f"{path / 'submission.csv'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the folder of --out {path} ({err.strerror or err}): "
+                        f"choose a writable --out") from None
+    return path
+
+
 def write_submission(path, id_codes, sirnas):
     """Write id_code,sirna atomically: a crash never leaves half a file where the last was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output_path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame({"id_code": list(id_codes), "sirna": [int(s) for s in sirnas]}).to_csv(
-        tmp, index=False)
-    os.replace(tmp, path)
+    try:
+        pd.DataFrame({"id_code": list(id_codes), "sirna": [int(s) for s in sirnas]}).to_csv(
+            tmp, index=False)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write the submission {path} ({err.strerror or err}): free disk "
+                        f"space or choose a writable --out; a file that was there is intact") from None
     return path
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from rcic.cli.common import ArgumentParser, open_data, setup_logging
 from rcic.errors import cli_main
 from rcic.plates import MODES
+from rcic.submission import check_output_path
 
 KAGGLE_INPUT = Path("/kaggle/input")
 LOCAL_RUNS = Path("runs")
@@ -37,6 +38,7 @@ def run(argv):
                                                "image size (default: decode the PNGs)")
     args = p.parse_args(argv)
 
+    check_output_path(args.out)          # before any work: prediction can take an hour
     from rcic.predict import pick_device, predict, resolve_checkpoints   # torch after the args
     from rcic.tta import views
     tta = views(args.tta)
