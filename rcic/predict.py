@@ -181,8 +181,8 @@ class Ensemble:
         return total / np.maximum(families, 1)[:, None]
 
 
-def predict(data, checkpoints, out, views, plates="assign", batch_size=64, device="cpu",
-            workers=0, cache="", adabn="auto"):
+def predict(data, checkpoints, out, views, plates="assign", batch_size=64,
+            device=torch.device("cpu"), workers=0, cache="", adabn="auto"):
     """Write and validate the submission; return the report (also saved beside it).
 
     adabn: auto, on or off: per-plate BatchNorm statistics (adabn.py); auto decides per
