@@ -12,6 +12,7 @@ asserted as such; known bugs in files this suite does not own are strict xfails.
 """
 import json
 import logging
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -30,8 +31,8 @@ from rcic.cli import cache, chain, predict, stage, submission, synth
 MAINS = {"rcic-synth": synth.main, "rcic-cache": cache.main, "rcic-stage": stage.main,
          "rcic-predict": predict.main, "rcic-submission": submission.main,
          "rcic-chain": chain.main}
-# Loader workers 0: stages run inside this test process. 16 steps in all.
-TINY = ["data.image_size=16", "data.batch_size=4", "train.epochs=2", "data.num_workers=0"]
+# Loader workers 0: stages run inside this test process. 8 steps in all.
+TINY = ["data.image_size=16", "data.batch_size=4", "train.epochs=1", "data.num_workers=0"]
 TRAIN_PNG = "train/HUVEC-01/Plate1/G02_s1_w1.png"     # a training (not validation) image
 TEST_PNG = "test/HUVEC-03/Plate1/H02_s1_w1.png"       # a test treatment well: predicted
 
@@ -40,7 +41,7 @@ TEST_PNG = "test/HUVEC-03/Plate1/H02_s1_w1.png"       # a test treatment well: p
 
 @pytest.fixture(scope="module")
 def world(tiny_data, tmp_path_factory):
-    """Earlier results a bad command must leave alone: an unfinished stage (2 of 16 steps),
+    """Earlier results a bad command must leave alone: an unfinished stage (2 of 8 steps),
     a valid submission and a complete cache, all made by the real commands."""
     root = tmp_path_factory.mktemp("world")
     assert call("rcic-stage", ["--data", str(tiny_data), "--out", str(root / "stage"),
@@ -85,9 +86,11 @@ class Workspace:
 
 
 def make_workspace(world, tiny_data, tmp_path):
-    """A copy of the data (real files: cases damage them) and of the earlier results."""
+    """A copy of the data and of the earlier results. The data files are hard links (fast):
+    a case replaces a file rather than writing into it, and a command that wrote into one
+    would show as a changed file."""
     ws = Workspace(tmp_path, tmp_path / "data")
-    shutil.copytree(tiny_data, ws.data)
+    shutil.copytree(tiny_data, ws.data, copy_function=os.link)
     shutil.copytree(world / "stage", tmp_path / "stage")
     shutil.copy(world / "submission.csv", tmp_path / "submission.csv")
     shutil.copytree(world / "cache", tmp_path / "cache")
