@@ -98,8 +98,8 @@ def test_estimator_seed_and_timer():
     assert set(est.estimates()) == {"save"}
 
 
-def _start_stop_loop():
-    proc = subprocess.Popen([sys.executable, HELPER, "stop", "0.4"], stdout=subprocess.PIPE,
+def _start_stop_loop(step_seconds=0.4):
+    proc = subprocess.Popen([sys.executable, HELPER, "stop", str(step_seconds)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stdout:
@@ -121,9 +121,11 @@ def test_signal_finishes_the_step_then_exits_0(signum):
 
 
 def test_second_signal_aborts():
-    proc, _ = _start_stop_loop()
+    # Long steps and a clear gap: two signals that arrive before Python runs its handler
+    # are delivered as one, which on a busy machine made this test flaky.
+    proc, _ = _start_stop_loop(step_seconds=3.0)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.1)
+    time.sleep(0.8)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=10)
     assert proc.returncode != 0
