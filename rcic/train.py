@@ -14,14 +14,16 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
 import rcic
+from rcic.adabn import plate_rows, plate_statistics
 from rcic.data.layout import N_CONTROL_CLASSES
 from rcic.data.dataset import EpochBatchSampler, Normalizer, SiteDataset, make_loader
 from rcic.errors import UserError
 from rcic.models import create_loss, create_model, set_backbone_trainable
-from rcic.pseudo import choose_pseudo_labels, pseudo_sites, schedule_fraction
 from rcic.optim import create_ema, create_optimizer, create_scheduler
+from rcic.pseudo import choose_pseudo_labels, pseudo_sites, schedule_fraction
 
 
 def rng_state():
@@ -271,21 +273,33 @@ class Trainer:
                              "lr": self.optimizer.param_groups[0]["lr"], "train_loss": loss})
 
     # -- evaluation -------------------------------------------------------------------------
+    def _val_batches(self, rows):
+        """(normalised images, labels, cell types) of some validation rows, batch by batch."""
+        loader = self._loader(Subset(self.val_set, rows), batch_size=self.recipe.data.batch_size * 2)
+        for batch in loader:
+            images, labels, cell_types, norm_idx = self._to_device(batch)
+            yield self.normalize_val(images, norm_idx), labels, cell_types
+
     @torch.inference_mode()
     def evaluate(self):
         """Loss and accuracy on the held-out experiments (site level). Every rank evaluates
-        the whole validation set, so no collective is needed here."""
+        the whole validation set, so no collective is needed here. A plate-batch recipe is
+        evaluated as it will predict: each plate with its own BatchNorm statistics (AdaBN)."""
         model = self.inference_model()
         model.eval()
+        parts = (plate_rows(self.val_set.sites) if self.recipe.data.plate_batches
+                 else [np.arange(len(self.val_set))])
         total, correct, loss_sum = 0, 0, 0.0
-        loader = self._loader(self.val_set, batch_size=self.recipe.data.batch_size * 2)
-        for batch in loader:
-            images, labels, cell_types, norm_idx = self._to_device(batch)
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                logits = model.logits(model(self.normalize_val(images, norm_idx), cell_types)).float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(1) == labels).sum().item()
-            total += len(labels)
+        for rows in parts:
+            statistics = (plate_statistics(model, ((x, c) for x, _, c in self._val_batches(rows)))
+                          if self.recipe.data.plate_batches else contextlib.nullcontext())
+            with statistics:
+                for x, labels, cell_types in self._val_batches(rows):
+                    with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                        logits = model.logits(model(x, cell_types)).float()
+                    loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+                    correct += (logits.argmax(1) == labels).sum().item()
+                    total += len(labels)
         self.pending_eval = False
         row = {"step": self.global_step, "epoch": self.epoch,
                "val_loss": loss_sum / max(total, 1), "val_acc": correct / max(total, 1)}

@@ -70,6 +70,16 @@ def test_each_stage_can_write_to_a_new_folder_like_a_kernel_chain(tiny_data, tmp
     assert same_weights(weights(previous), weights(reference))
 
 
+def test_plate_batches_resume_exactly_and_validate_per_plate(tiny_data, tmp_path):
+    plates = ["data.plate_batches=true"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    stage(tiny_data, whole, sets=plates)
+    stage(tiny_data, split, "--steps", "5", sets=plates)
+    stage(tiny_data, split, sets=plates)
+    assert same_weights(weights(split), weights(whole))
+    assert (split / "metrics.csv").read_text() == (whole / "metrics.csv").read_text()
+
+
 def test_sigkill_at_random_moments_never_loses_committed_work(tiny_data, tmp_path, reference):
     out = tmp_path / "killed"
     rng = random.Random(1)
