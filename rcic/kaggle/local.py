@@ -97,7 +97,7 @@ def run_local_chain(stages, budget, out, recipe=None, data=None, steps_per_stage
     from rcic.data.synthetic import default_data_dir
     from rcic.submission import check_submission
 
-    out = Path(out)
+    out = Path(out).absolute()   # kernels run with their working folder as cwd
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} exists and is not empty: choose a new --out or "
                         f"delete it first")
