@@ -468,11 +468,9 @@ def test_stage_keeps_its_steps_when_an_image_turns_out_broken(world, tiny_data, 
     assert [ref.step for ref in find_checkpoints([ws["out"]])], "no steps saved"
 
 
-@pytest.mark.xfail(strict=True, reason="rcic/kaggle/local.py run_script: with a relative --out "
-                   "(the README's own `--out runs/local-chain`, and the default) the kernel script "
-                   "path is relative but the kernel runs with cwd=its working folder: python "
-                   "cannot open the script and stage-01 'ended in ERROR'")
 def test_chain_local_with_a_relative_out(tiny_data, tmp_path, monkeypatch):
+    """The README's own command passes a relative --out; kernels run in their working folder
+    (this failed with `can't open file ...stage_kernel.py` until b84c16b)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "recipe.yaml").write_text("data:\n  image_size: 16\n  batch_size: 8\n"
                                           "train:\n  epochs: 1\n")
