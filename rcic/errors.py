@@ -10,12 +10,21 @@ class UserError(Exception):
     """Bad input the user can fix. The message names what is wrong, where, and the fix."""
 
 
+def one_line(err):
+    """The message of a UserError, also when a DataLoader worker raised it: torch re-raises
+    it in the main process with the worker's traceback in front of the original line."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def cli_main(prog, run, argv=None):
     """Run `run(argv)` and turn a UserError into one clear line and exit status 2."""
     try:
         return run(argv) or 0
     except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

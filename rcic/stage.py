@@ -125,6 +125,16 @@ class Stage:
         self.seed_estimates(trainer)
         try:
             self.train(trainer)
+        except UserError:
+            # Bad data found mid-run (a PNG whose body is corrupt): keep the steps trained so
+            # far, then report. The error surfaces while a step's batches are being read, so
+            # the trainer holds the state after its last whole step.
+            if self.changed and self.world == 1:
+                try:
+                    self.save(trainer)
+                except UserError:
+                    pass          # the save itself failed (e.g. a full disk): report the first error
+            raise
         finally:
             self.stop.restore()
         self.finish(trainer)
@@ -151,8 +161,11 @@ class Stage:
         self.n_test_per_val = n_test / max(1, len(trainer.val_set))
 
     def train(self, trainer):
-        bar = tqdm(total=trainer.total_steps, initial=min(trainer.global_step, trainer.total_steps),
-                   disable=not self.is_main, unit="step", dynamic_ncols=True)
+        with tqdm(total=trainer.total_steps, initial=min(trainer.global_step, trainer.total_steps),
+                  disable=not self.is_main, unit="step", dynamic_ncols=True) as bar:
+            self.train_loop(trainer, bar)
+
+    def train_loop(self, trainer, bar):
         interval = self.recipe.train.checkpoint_every_steps
         eval_every = self.recipe.train.eval_every_steps
         while not trainer.finished:
@@ -199,7 +212,6 @@ class Stage:
                 break
             if trainer.global_step >= trainer.total_steps and not trainer.pending_eval:
                 break
-        bar.close()
 
     def evaluate(self, trainer, bar):
         with self.times.timer("eval"):

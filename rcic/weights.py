@@ -4,7 +4,9 @@ It holds the model's weights (the EMA copy when the recipe keeps one), the recip
 predictor needs to map outputs back to siRNAs. A checkpoint holds far more (optimizer, RNG
 states, data position); the submission kernel only needs this.
 """
+import io
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -20,11 +22,21 @@ def save_weights(path, model, recipe, meta):
     """Write atomically: a kernel killed mid-write must not leave a half file to be found."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    # Serialised in memory first, so a full disk surfaces as Python's OSError (ENOSPC) with
+    # its name, not as torch's opaque zip-writer error.
+    buffer = io.BytesIO()
     torch.save({"format": 1, "model": model.state_dict(), "recipe": recipe.to_dict(),
-                "meta": dict(meta)}, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+                "meta": dict(meta)}, buffer)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({err.strerror}); the checkpoint beside it is "
+                        f"intact: free disk space or choose another --out") from err
 
 
 def load_weights(path, device="cpu"):
@@ -34,12 +46,18 @@ def load_weights(path, device="cpu"):
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
         state, recipe, meta = blob["model"], from_dict(blob["recipe"], str(path)), blob["meta"]
-    except (OSError, RuntimeError, KeyError, EOFError, TypeError) as err:
+    except (OSError, RuntimeError, KeyError, EOFError, TypeError, pickle.UnpicklingError) as err:
         raise UserError(f"weights file {path} cannot be read ({type(err).__name__}): it is "
                         f"truncated or not an rcic weights file; use the weights.pt of a stage")
     model = create_model(recipe.model, meta["num_classes"], len(meta["cell_types"]),
                          with_pretrained=False)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise UserError(f"weights file {path} does not fit the model its own recipe describes "
+                        f"({first}): it was altered or written by another tool; use the "
+                        f"weights.pt of a stage")
     return model.to(device).eval(), recipe, meta
 
 

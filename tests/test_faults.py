@@ -303,9 +303,6 @@ def test_disk_full_during_a_checkpoint_write(tiny_data, reference, tmp_path):
     assert snapshot(checkpoint_folder(after)) == snapshot(checkpoint_folder(seed))
 
 
-@pytest.mark.xfail(strict=True, reason="rcic/weights.py save_weights: a full disk while writing "
-                   "weights.pt escapes as torch's RuntimeError (traceback, exit 1) and leaves "
-                   ".weights.pt.tmp behind")
 def test_disk_full_during_the_weights_write(tiny_data, reference, tmp_path):
     # Room for the first checkpoint, not for the weights file written right after it.
     state = (checkpoint_folder(reference.outs[0]) / "state.pt").stat().st_size

@@ -61,7 +61,10 @@ class ChainSpec:
         if self.stages < 1:
             raise UserError(f"--stages {self.stages}: a chain needs at least 1 stage")
         if self.recipe is not None:
-            load_recipe(self.recipe)   # a missing or broken recipe fails now, not on Kaggle
+            # A missing or broken recipe, or a model it cannot build, fails now, not on Kaggle.
+            from rcic.models import create_model
+            recipe = load_recipe(self.recipe)
+            create_model(recipe.model, num_classes=8, num_cell_types=4, with_pretrained=False)
         seconds = parse_duration(self.budget)
         if seconds >= KAGGLE_LIMIT_SECONDS:
             raise UserError(f"--budget {self.budget} does not fit Kaggle's 9-hour limit: leave "
@@ -94,6 +97,11 @@ def render_chain(spec, out):
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} exists and is not empty: choose a new --out "
                         f"or delete it first")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the output folder {out} ({err.strerror}): choose "
+                        f"another --out")
     recipe_yaml = Path(spec.recipe).read_text() if spec.recipe else ""
     recipe_file = Path(spec.recipe).name if spec.recipe else ""
     inputs = {"dataset_sources": [spec.kernel_id(spec.bundle)],

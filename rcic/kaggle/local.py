@@ -94,6 +94,7 @@ def run_local_chain(stages, budget, out, recipe=None, data=None, steps_per_stage
     Returns {"kernels": [{"name", "seconds", "status"}], "submission": path}.
     """
     from rcic.budget import parse_duration
+    from rcic.data.layout import RxRx1
     from rcic.data.synthetic import default_data_dir
     from rcic.submission import check_submission
 
@@ -102,6 +103,7 @@ def run_local_chain(stages, budget, out, recipe=None, data=None, steps_per_stage
         raise UserError(f"output folder {out} exists and is not empty: choose a new --out or "
                         f"delete it first")
     data = Path(data) if data else default_data_dir()
+    RxRx1(data)   # a broken data folder is one clear line now, not a failed first kernel
     spec = chain.ChainSpec(owner=LOCAL_OWNER, prefix=LOCAL_PREFIX, stages=stages, budget=budget,
                            recipe=Path(recipe) if recipe else None,
                            steps_per_stage=steps_per_stage)
