@@ -60,16 +60,6 @@ def test_three_stages_are_bit_identical_to_one_run(tiny_data, tmp_path, referenc
     assert (out / "metrics.csv").read_text() == (reference / "metrics.csv").read_text()
 
 
-def test_each_stage_can_write_to_a_new_folder_like_a_kernel_chain(tiny_data, tmp_path, reference):
-    previous = None
-    for k in range(3):
-        out = tmp_path / f"kernel{k}"
-        extra = ["--resume-from", str(previous)] if previous else []
-        stage(tiny_data, out, "--steps", "3" if k < 2 else "0", *extra)
-        previous = out
-    assert same_weights(weights(previous), weights(reference))
-
-
 def test_plate_batches_resume_exactly_and_validate_per_plate(tiny_data, tmp_path):
     plates = ["data.plate_batches=true"]
     whole, split = tmp_path / "whole", tmp_path / "split"
@@ -85,7 +75,7 @@ def test_sigkill_at_random_moments_never_loses_committed_work(tiny_data, tmp_pat
     rng = random.Random(1)
     cmd = ["rcic-stage", "--data", str(tiny_data), "--out", str(out), "--budget", "5m", "--quiet",
            "--set", *TINY, "train.checkpoint_every_steps=1"]
-    for trial in range(3):
+    for trial in range(2):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(4.0, 9.0))
         proc.send_signal(signal.SIGKILL)
@@ -113,7 +103,7 @@ def test_recipe_with_other_training_fields_is_refused(tiny_data, tmp_path, refer
 def test_budget_is_never_exceeded(tiny_data, tmp_path):
     # Slow steps (bigger images) and budgets that end mid-epoch.
     # Budgets are short but not absurd: start-up (imports, data checks) alone takes seconds.
-    for trial, budget in enumerate([20, 30]):
+    for trial, budget in enumerate([15, 20]):
         out = tmp_path / f"b{trial}"
         start = time.time()
         stage(tiny_data, out, budget=f"{budget}s", sets=["data.image_size=48", "train.epochs=50"])
