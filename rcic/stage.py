@@ -22,7 +22,7 @@ from rcic.budget import Budget, DurationEstimator, StopRequest
 from rcic.config import differing_training_fields, from_dict, save_recipe
 from rcic.errors import UserError
 from rcic.train import Trainer
-from rcic.weights import WEIGHTS_NAME, save_weights
+from rcic.weights import WEIGHTS_NAME, find_weights, save_weights
 
 log = logging.getLogger("rcic")
 
@@ -141,7 +141,6 @@ class Stage:
         return self.report(trainer)
 
     def init_from(self, trainer):
-        from rcic.weights import find_weights
         source = Path(self.recipe.train.init_from)
         candidates = [source] if source.is_file() else find_weights([source, *self.resume_roots])
         if not candidates:
@@ -172,7 +171,7 @@ class Stage:
             if trainer.pending_eval:
                 if not self.fits("eval"):
                     break
-                self.evaluate(trainer, bar)
+                self.evaluate(trainer)
                 continue
             if trainer.pending_pseudo:
                 if not self.fits("pseudo"):
@@ -204,7 +203,7 @@ class Stage:
                 if interval and trainer.global_step % interval == 0 and self.fits("save"):
                     self.save(trainer)
                 if eval_every and trainer.global_step % eval_every == 0 and self.fits("eval"):
-                    self.evaluate(trainer, bar)
+                    self.evaluate(trainer)
                 last = time.perf_counter()
                 if trainer.pending_eval:
                     break
@@ -213,7 +212,7 @@ class Stage:
             if trainer.global_step >= trainer.total_steps and not trainer.pending_eval:
                 break
 
-    def evaluate(self, trainer, bar):
+    def evaluate(self, trainer):
         with self.times.timer("eval"):
             row = trainer.evaluate()
         self.changed = True
