@@ -32,7 +32,7 @@ from rcic.data.dataset import Normalizer, SiteDataset, make_loader
 from rcic.errors import UserError
 from rcic.plates import MODES, PlateStructure, plate_step
 from rcic.submission import check_submission, write_submission
-from rcic.weights import find_weights, load_weights
+from rcic.weights import find_weights, load_weights, read_meta
 
 log = logging.getLogger("rcic")
 FAMILIES = ("specialist", "generalist")
@@ -65,17 +65,10 @@ def resolve_checkpoints(paths, roots):
     if not found:
         raise UserError(f"no weights.pt under {', '.join(map(str, roots))}: train with "
                         f"rcic-stage first, or pass --checkpoint PATH")
-    finished = [p for p in found if _meta(p).get("done")]
+    finished = [p for p in found if read_meta(p).get("done")]
     if not finished:
         log.warning("no finished weights found: predicting with the unfinished %s", found[0])
     return [(finished or found)[0]]
-
-
-def _meta(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)["meta"]
-    except Exception:    # unreadable: never chosen as finished; load_weights reports it clearly
-        return {}
 
 
 @dataclass

@@ -22,7 +22,7 @@ from rcic.budget import Budget, DurationEstimator, StopRequest
 from rcic.config import differing_training_fields, from_dict, save_recipe
 from rcic.errors import UserError
 from rcic.train import Trainer
-from rcic.weights import WEIGHTS_NAME, find_weights, save_weights
+from rcic.weights import WEIGHTS_NAME, find_weights, read_weights, save_weights
 
 log = logging.getLogger("rcic")
 
@@ -146,8 +146,7 @@ class Stage:
         if not candidates:
             raise UserError(f"train.init_from {source}: no weights.pt found there; point it at the "
                             f"weights.pt of the first-step recipe")
-        blob = torch.load(candidates[0], map_location="cpu", weights_only=False)
-        skipped = trainer.init_from_weights(blob["model"])
+        skipped = trainer.init_from_weights(read_weights(candidates[0])["model"])
         log.info("initialised from %s (not taken: %s)", candidates[0], ", ".join(skipped) or "nothing")
 
     def seed_estimates(self, trainer):

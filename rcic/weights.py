@@ -39,16 +39,32 @@ def save_weights(path, model, recipe, meta):
                         f"intact: free disk space or choose another --out") from err
 
 
+def read_weights(path, mmap=False):
+    """The saved dict {format, model, recipe, meta}; one clear line if it is not one.
+    mmap=True reads no tensor data: cheap when only the meta is wanted."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        blob["model"], blob["recipe"], blob["meta"]
+        return blob
+    except (OSError, RuntimeError, KeyError, EOFError, TypeError, pickle.UnpicklingError) as err:
+        raise UserError(f"weights file {path} cannot be read ({type(err).__name__}): it is "
+                        f"truncated or not an rcic weights file; use the weights.pt of a stage")
+
+
+def read_meta(path):
+    """The meta of a weights file, or {} when it cannot be read (load_weights says why)."""
+    try:
+        return read_weights(path, mmap=True)["meta"]
+    except UserError:
+        return {}
+
+
 def load_weights(path, device="cpu"):
     """(model, recipe, meta) from a weights file, the model in eval mode on `device`."""
     from rcic.models import create_model
     path = Path(path)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        state, recipe, meta = blob["model"], from_dict(blob["recipe"], str(path)), blob["meta"]
-    except (OSError, RuntimeError, KeyError, EOFError, TypeError, pickle.UnpicklingError) as err:
-        raise UserError(f"weights file {path} cannot be read ({type(err).__name__}): it is "
-                        f"truncated or not an rcic weights file; use the weights.pt of a stage")
+    blob = read_weights(path)
+    state, recipe, meta = blob["model"], from_dict(blob["recipe"], str(path)), blob["meta"]
     model = create_model(recipe.model, meta["num_classes"], len(meta["cell_types"]),
                          with_pretrained=False)
     try:
@@ -62,11 +78,7 @@ def load_weights(path, device="cpu"):
 
 
 def find_weights(roots):
-    """Every weights.pt under the roots, searched recursively, newest step first."""
+    """Every weights.pt under the roots, searched recursively, newest step first (an
+    unreadable file sorts last; load_weights reports it clearly)."""
     found = [folder / WEIGHTS_NAME for folder, files in search.walk(roots) if WEIGHTS_NAME in files]
-    def step(p):
-        try:
-            return torch.load(p, map_location="cpu", weights_only=False)["meta"].get("step", 0)
-        except Exception:   # an unreadable file sorts last; load_weights reports it clearly
-            return -1
-    return sorted(found, key=step, reverse=True)
+    return sorted(found, key=lambda p: read_meta(p).get("step", -1), reverse=True)
