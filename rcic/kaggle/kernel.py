@@ -2,31 +2,25 @@
 
 Inputs are found by searching the input root, never by a hard-coded path: Kaggle has mounted
 attached data at /kaggle/input/<slug>/ and at /kaggle/input/{competitions,datasets,notebooks}/...
-The search is shallow and never enters the competition folder, whose image tree holds
+The search (rcic/search.py) never enters the competition folder, whose image tree holds
 hundreds of thousands of files.
 """
 import json
 import tempfile
 from pathlib import Path
 
+from rcic import search
 from rcic.errors import UserError, cli_main
-
-MAX_DEPTH = 5   # /kaggle/input/notebooks/<owner>/<slug>/<file> is depth 4
-
 
 def is_data_dir(folder):
     return (folder / "train.csv").is_file() and (folder / "test.csv").is_file()
 
 
-def find_shallow(root, name, max_depth=MAX_DEPTH):
-    """Files called `name` under `root`, shallowest first, outside any RxRx1 data folder."""
-    found, level = [], [Path(root)] if Path(root).is_dir() else []
-    for _ in range(max_depth + 1):
-        found += sorted(d / name for d in level if (d / name).is_file())
-        # Symlinked folders are followed on purpose: the local dry run links its inputs.
-        level = sorted(sub for d in level if not is_data_dir(d)
-                       for sub in d.iterdir() if sub.is_dir())
-    return found
+def find_shallow(root, name):
+    """Files called `name` under `root`, shallowest first, outside any RxRx1 data folder.
+    Symlinked folders are followed: the local dry run links its inputs."""
+    found = [folder / name for folder, files in search.walk(root) if name in files]
+    return sorted(found, key=lambda path: (len(path.parts), str(path)))
 
 
 def find_data_dir(root):
