@@ -103,11 +103,13 @@ def cmd_publish_bundle(args):
 
 
 def cmd_local(args):
+    from rcic.kaggle.limits import parse_size
     from rcic.kaggle.local import run_local_chain
 
     out = Path(args.out) if args.out else Path("runs") / "local-chain"
     result = run_local_chain(args.stages, args.budget, out, recipe=args.config, data=args.data,
-                             steps_per_stage=args.steps_per_stage, grace_seconds=args.grace)
+                             steps_per_stage=args.steps_per_stage, grace_seconds=args.grace,
+                             output_limit=parse_size(args.output_limit))
     for k in result["kernels"]:
         print(f"{k['name']:10s} exit {k['status']}  {k['seconds']:.1f}s")
     print(f"submission: {result['submission']}")
@@ -173,6 +175,9 @@ def build_parser():
                    help="seconds past the budget before a stage is killed (default 15)")
     s.add_argument("--steps-per-stage", type=whole_number, default=0,
                    help="also stop each stage after N optimizer steps (default 0: budget only)")
+    s.add_argument("--output-limit", default="20GB",
+                   help="fail a kernel that leaves more than this in its working folder, as "
+                        "Kaggle drops such output (default 20GB; scale it down for small data)")
     s.set_defaults(func=cmd_local)
     return p
 
