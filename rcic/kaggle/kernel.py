@@ -7,6 +7,7 @@ hundreds of thousands of files.
 """
 import json
 import tempfile
+import time
 from pathlib import Path
 
 from rcic import search
@@ -33,8 +34,8 @@ def find_data_dir(root):
 
 
 def run_kernel(settings, input_root, working):
-    """Entry point of both kernel scripts; returns the exit status."""
-    run = run_stage if settings["kind"] == "stage" else run_submit
+    """Entry point of the kernel scripts; returns the exit status."""
+    run = {"stage": run_stage, "submit": run_submit, "cache": run_cache}[settings["kind"]]
     return cli_main(f"rcic {settings['kind']} kernel",
                     lambda _: run(settings, Path(input_root), Path(working)))
 
@@ -67,10 +68,17 @@ def run_stage(settings, input_root, working):
     print(f"rcic stage {settings['stage']}/{settings['stages']}: data {data}, "
           f"budget {settings['budget']}, earlier stages: {', '.join(previous) or 'none'}",
           flush=True)
+    cache = local_cache(settings, input_root, data, f"rcic stage {settings['stage']}")
+    if cache:
+        argv += ["--set", f"data.cache={cache[0]}"]
     status = stage_main(argv)
     report = working / "stage.json"
     if report.is_file():
         r = json.loads(report.read_text())
+        if cache:   # the expand's time is the stage's too: its report says so
+            from rcic.data.cache import write_atomic
+            r["cache"] = cache[1]
+            write_atomic(report, json.dumps(r, indent=1))
         speed = r.get("samples_per_second")
         print(f"rcic stage {settings['stage']}/{settings['stages']}: "
               f"{'recipe finished' if r.get('done') else 'recipe not finished'}, "
@@ -98,6 +106,9 @@ def run_submit(settings, input_root, working):
                   f"predicting with the weights trained so far", flush=True)
     out = working / "submission.csv"
     argv = ["--data", str(data), "--out", str(out)]
+    cache = local_cache(settings, input_root, data, "rcic submit kernel")
+    if cache:
+        argv += ["--cache", str(cache[0])]
     for path in weights:
         argv += ["--checkpoint", str(path)]
     print(f"rcic submit kernel: data {data}, weights {', '.join(map(str, weights))}", flush=True)
@@ -106,3 +117,38 @@ def run_submit(settings, input_root, working):
         rows = sum(1 for _ in out.open()) - 1
         print(f"rcic submit kernel: wrote {out} ({rows} rows)", flush=True)
     return status
+
+
+def local_cache(settings, input_root, data, who):
+    """(folder, report) of the attached caches expanded onto local disk, or None without."""
+    if not settings.get("cache"):
+        return None
+    from rcic.data.cache import MANIFEST
+    from rcic.data.layout import RxRx1
+    from rcic.kaggle.scratch import expand_attached
+
+    return expand_attached(find_shallow(input_root, MANIFEST), RxRx1(data, check_images=False),
+                           settings["cache"], who, echo=lambda line: print(line, flush=True))
+
+
+def run_cache(settings, input_root, working):
+    """Decode one split of the attached competition data into a cache in the working folder."""
+    from rcic.data.cache import build_cache
+    from rcic.data.layout import RxRx1
+    from rcic.kaggle.limits import KAGGLE_OUTPUT_LIMIT, folder_bytes, human_bytes
+
+    data = find_data_dir(input_root)
+    split, size, fmt = settings["split"], settings["size"], settings["format"]
+    out = working / f"cache-{split}-{size}px"
+    print(f"rcic cache kernel: {split} sites of {data} at {size} px ({fmt}) into {out}",
+          flush=True)
+    started = time.monotonic()
+    build_cache(RxRx1(data), out, size, format=fmt, split=split)
+    size_bytes = folder_bytes(out)
+    print(f"rcic cache kernel: {human_bytes(size_bytes)} in {time.monotonic() - started:.0f}s",
+          flush=True)
+    if size_bytes > KAGGLE_OUTPUT_LIMIT:
+        raise UserError(f"the {split} cache at {size} px is {human_bytes(size_bytes)}, over "
+                        f"Kaggle's {human_bytes(KAGGLE_OUTPUT_LIMIT)} output limit, so Kaggle "
+                        f"will drop it: render the chain with a smaller --cache")
+    return 0

@@ -150,7 +150,8 @@ def run_chain(folders, runs, data, bundle, stage_limit, output_limit=limits.KAGG
 
 
 def run_local_chain(stages, budget, out, recipe=None, data=None, steps_per_stage=0,
-                    grace_seconds=15.0, output_limit=limits.KAGGLE_OUTPUT_LIMIT, echo=print):
+                    cache_size=0, grace_seconds=15.0, output_limit=limits.KAGGLE_OUTPUT_LIMIT,
+                    echo=print):
     """Render and run a chain of `stages` stages and a submission kernel under `out`.
 
     Returns {"kernels": [{"name", "seconds", "status", ...}], "submission": path}.
@@ -168,7 +169,7 @@ def run_local_chain(stages, budget, out, recipe=None, data=None, steps_per_stage
     RxRx1(data)   # a broken data folder is one clear line now, not a failed first kernel
     spec = chain.ChainSpec(owner=LOCAL_OWNER, prefix=LOCAL_PREFIX, stages=stages, budget=budget,
                            recipe=Path(recipe) if recipe else None,
-                           steps_per_stage=steps_per_stage)
+                           steps_per_stage=steps_per_stage, cache_size=cache_size)
     folders = chain.render_chain(spec, out / "kernels")
     stage_limit = parse_duration(budget) + grace_seconds
 
