@@ -89,6 +89,14 @@ def test_three_stage_local_chain_matches_an_uninterrupted_run(tmp_path, data):
         assert inputs(kernel) == bundle_and_data + [
             "notebooks/local", *sorted([cache, f"notebooks/local/rcic-local-{previous}"])]
 
+    # The closing table: per stage what it trained, then the submission's accuracy.
+    table = result["table"]
+    assert [l.split()[0] for l in table[1:7]] == [
+        "cache-train", "cache-test", "stage-01", "stage-02", "stage-03", "submit"]
+    assert [l.split()[1:3] for l in table[3:6]] == [["4", "4/12"], ["4", "8/12"],
+                                                    ["4", "12/12"]]
+    assert table[-1].startswith("submission accuracy: ")
+
     # A valid submission, scored against the embedded answer key by rcic-predict.
     assert check_submission(result["submission"], data) == 16
     assert "accuracy --plates assign" in (runs / "submit" / "kernel.log").read_text()

@@ -112,8 +112,7 @@ def cmd_local(args):
                              steps_per_stage=args.steps_per_stage, cache_size=args.cache,
                              grace_seconds=args.grace,
                              output_limit=parse_size(args.output_limit))
-    for k in result["kernels"]:
-        print(f"{k['name']:10s} exit {k['status']}  {k['seconds']:.1f}s")
+    print("\n".join(result["table"]))
     print(f"submission: {result['submission']}")
 
 

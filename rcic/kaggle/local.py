@@ -17,6 +17,7 @@ One difference, on purpose: kernels run with this Python and the rcic it already
 kernel. The offline install itself is tested on its own (tests/test_bundle_install.py).
 """
 import io
+import json
 import os
 import shutil
 import signal
@@ -187,4 +188,35 @@ def run_local_chain(stages, budget, out, recipe=None, data=None, steps_per_stage
     rows = check_submission(submission, data)
     shutil.copy(submission, out / "submission.csv")
     echo(f"rcic-chain local: {out / 'submission.csv'} is a valid submission ({rows} rows)")
-    return {"kernels": results, "submission": out / "submission.csv"}
+    return {"kernels": results, "submission": out / "submission.csv",
+            "table": summary_table(results)}
+
+
+def summary_table(results):
+    """What each kernel did, as lines: per stage the steps it trained, the step the recipe
+    reached, the budget it used and its validation accuracy; then the submission's accuracy
+    (on data with an answer key, such as the embedded data)."""
+    from rcic.predict import REPORT_NAME
+
+    lines = [f"{'kernel':12s} {'steps trained':>13s} {'reached':>11s} {'budget used':>15s} "
+             f"{'val acc':>7s} {'seconds':>8s}"]
+    for k in results:
+        report = k["working"] / "stage.json"
+        if report.is_file():
+            r = json.loads(report.read_text())
+            val = (r.get("last_eval") or {}).get("val_acc")
+            lines.append(f"{k['name']:12s} {r['steps_this_stage']:13d} "
+                         f"{r['global_step']:>5d}/{r['total_steps']:<5d} "
+                         f"{r['seconds_used']:6.0f}s of {r['budget_seconds']:4.0f}s "
+                         f"{'-' if val is None else f'{val:.3f}':>7s} {k['seconds']:8.1f}")
+        else:
+            lines.append(f"{k['name']:12s} {'':13s} {'':11s} {'':15s} {'':7s} "
+                         f"{k['seconds']:8.1f}")
+    prediction = results[-1]["working"] / REPORT_NAME
+    accuracy = json.loads(prediction.read_text()).get("accuracy") if prediction.is_file() else None
+    if accuracy:
+        plain = accuracy["off"]["overall"]
+        best = accuracy.get("assign", accuracy["off"])["overall"]
+        lines.append(f"submission accuracy: {best:.3f} with the per-plate assignment "
+                     f"({plain:.3f} by plain argmax), scored against the data's answer key")
+    return lines
