@@ -84,6 +84,7 @@ def run_stage(settings, input_root, working):
               f"{'recipe finished' if r.get('done') else 'recipe not finished'}, "
               f"step {r.get('global_step')}, epoch {r.get('epoch')}, "
               f"{r.get('seconds_used', 0):.0f}s of {r.get('budget_seconds', 0):.0f}s used"
+              + (f" ({cache[1]['seconds']:.0f}s of them expanding the cache)" if cache else "")
               + (f", {speed:.1f} samples/s" if speed else ", no training this stage")
               + (f", about {r['stages_left_estimate']} more stage(s) needed"
                  if not r.get("done") and r.get("stages_left_estimate") is not None else ""),

@@ -77,5 +77,5 @@ def expand_attached(manifests, data, size, who, echo=print):
     # The sources were checked against their checksums before a byte was copied; the copy's
     # own checksums are checked when the stage or prediction opens it.
     echo(f"{who}: cache expanded in {report['seconds']:.1f}s ({human_bytes(need)} on local "
-         f"disk, counted in the budget)")
+         f"disk)")
     return out, report
