@@ -23,6 +23,10 @@ from rcic.errors import UserError
 
 _IMPORT_TIME = time.time()
 
+# The share of a stage's budget that goes to training steps; the rest pays start-up, validation
+# and the final save. Used to estimate how many stages a recipe needs.
+USABLE_FRACTION = 0.9
+
 # "8h", "7h30m", "45m", "90s", "1h2m3s", "1.5h"; spaces between the parts are allowed.
 _UNITS = re.compile(r"(?:(?P<h>\d+(?:\.\d+)?)h)?\s*(?:(?P<m>\d+(?:\.\d+)?)m)?\s*(?:(?P<s>\d+(?:\.\d+)?)s)?")
 # "1:30:00" is h:mm:ss and "30:00" is m:ss, as in Slurm's --time; the leading field is unbounded.

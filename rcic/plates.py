@@ -16,6 +16,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from rcic.data.layout import plate_key
 from rcic.errors import UserError
 
 N_GROUPS = 4
@@ -128,8 +129,7 @@ def plate_step(mode, wells, probs, structure):
     group = structure.infer_groups(wells, probs)
     log_probs = np.log(np.clip(probs, 1e-45, None))
     pred = np.empty(len(probs), int)
-    key = wells["experiment"].astype(str) + "_" + wells["plate"].astype(str)
-    for _, rows in pd.Series(np.arange(len(probs))).groupby(key.to_numpy()):
+    for _, rows in pd.Series(np.arange(len(probs))).groupby(plate_key(wells).to_numpy()):
         rows = rows.to_numpy()
         members = structure.groups[group[rows[0]]]
         if mode == "mask":

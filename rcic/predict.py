@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from rcic.adabn import (MODES as ADABN_MODES, batchnorm_layers, plate_rows, plate_statistics,
                         use_adabn)
+from rcic.data.layout import plate_key
 from rcic.data.dataset import Normalizer, SiteDataset, make_loader
 from rcic.errors import UserError
 from rcic.plates import MODES, PlateStructure, plate_step
@@ -253,6 +254,6 @@ def score(data, wells, probs, structure=None):
         for g, members in enumerate(structure.groups):
             group_of[members] = g
         right = pd.Series(structure.infer_groups(wells, probs) == group_of[truth]).groupby(
-            (wells["experiment"] + "_" + wells["plate"].astype(str)).to_numpy()).all()
+            plate_key(wells).to_numpy()).all()
         result["plate_groups_correct"] = f"{int(right.sum())}/{len(right)}"
     return result

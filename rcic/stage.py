@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from rcic import checkpoint
-from rcic.budget import Budget, DurationEstimator, StopRequest
+from rcic.budget import USABLE_FRACTION, DurationEstimator, StopRequest
 from rcic.config import differing_training_fields, from_dict, save_recipe
 from rcic.errors import UserError
 from rcic.train import Trainer
@@ -256,7 +256,7 @@ class Stage:
     def report(self, trainer):
         steps_left = max(0, trainer.total_steps - trainer.global_step)
         step_time = self.times.estimate("step") if self.steps_this_stage else 0.0
-        usable = max(1.0, self.budget.seconds * 0.9)
+        usable = max(1.0, self.budget.seconds * USABLE_FRACTION)
         report = {
             "done": trainer.finished,
             "recipe": self.recipe.name,

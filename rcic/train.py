@@ -18,7 +18,7 @@ from torch.utils.data import Subset
 
 import rcic
 from rcic.adabn import plate_rows, plate_statistics
-from rcic.data.layout import N_CONTROL_CLASSES
+from rcic.data.layout import N_CONTROL_CLASSES, plate_key
 from rcic.data.dataset import EpochBatchSampler, Normalizer, SiteDataset, make_loader
 from rcic.errors import UserError
 from rcic.models import create_loss, create_model, set_backbone_trainable
@@ -111,7 +111,7 @@ class Trainer:
                                      cell_types=self.cell_types,
                                      verify_cache=not hasattr(self, "train_set"))
         self.normalize_train = Normalizer.for_dataset(self.data, self.train_set).to(self.device)
-        self.groups = (sites["experiment"] + "_" + sites["plate"].astype(str)).to_numpy() \
+        self.groups = plate_key(sites).to_numpy() \
             if self.recipe.data.plate_batches else None
 
     @property

@@ -7,12 +7,12 @@ batches predict each test plate with its own BatchNorm statistics (AdaBN) unless
 import json
 from pathlib import Path
 
+from rcic.adabn import MODES as ADABN_MODES
 from rcic.cli.common import ArgumentParser, open_data, setup_logging
 from rcic.errors import cli_main
 from rcic.plates import MODES
+from rcic.search import KAGGLE_INPUT
 from rcic.submission import check_output_path
-
-KAGGLE_INPUT = Path("/kaggle/input")
 LOCAL_RUNS = Path("runs")
 
 
@@ -26,7 +26,7 @@ def run(argv):
     p.add_argument("--tta", type=int, default=8, help="TTA views, 1 (none) to 8 (default 8)")
     p.add_argument("--plates", default="assign", choices=MODES,
                    help="plate step: assign (default), mask, or off (plain argmax)")
-    p.add_argument("--adabn", default="auto", choices=("auto", "on", "off"),
+    p.add_argument("--adabn", default="auto", choices=ADABN_MODES,
                    help="per-plate BatchNorm statistics (AdaBN): each test plate predicted with "
                         "statistics of its own images; auto (default) = on for weights trained "
                         "with data.plate_batches, off for the others")
@@ -39,7 +39,7 @@ def run(argv):
     args = p.parse_args(argv)
 
     check_output_path(args.out)          # before any work: prediction can take an hour
-    from rcic.predict import pick_device, predict, resolve_checkpoints   # torch after the args
+    from rcic.predict import REPORT_NAME, pick_device, predict, resolve_checkpoints   # torch after the args
     from rcic.tta import views
     tta = views(args.tta)
     device = pick_device(args.device)
@@ -55,7 +55,7 @@ def run(argv):
         print(f"accuracy --plates {mode}: {acc['overall']:.4f} ({cells})")
     if "plate_groups_correct" in report:
         print(f"test plates with the right siRNA group: {report['plate_groups_correct']}")
-    print(json.dumps({"report": str(Path(report["submission"]).parent / "predict_report.json")}))
+    print(json.dumps({"report": str(Path(report["submission"]).parent / REPORT_NAME)}))
 
 
 def main(argv=None):

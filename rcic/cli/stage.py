@@ -9,8 +9,7 @@ from rcic.budget import Budget, parse_duration, process_start_time
 from rcic.cli.common import ArgumentParser, open_data, setup_logging
 from rcic.config import load_recipe
 from rcic.errors import cli_main
-
-KAGGLE_INPUT = Path("/kaggle/input")
+from rcic.search import KAGGLE_INPUT
 
 
 def launch_distributed(gpus, argv, start):

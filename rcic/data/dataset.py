@@ -102,7 +102,7 @@ def norm_keys(sites, normalization):
     if normalization == "experiment":
         keys = sites["experiment"]
     elif normalization == "plate":
-        keys = sites["experiment"] + "_" + sites["plate"].astype(str)
+        keys = plate_key(sites)
     else:
         raise UserError(f"data.normalization {normalization!r} is unknown: use image, "
                         f"experiment or plate")

@@ -12,22 +12,23 @@ from pathlib import Path
 from rcic import search
 from rcic.errors import UserError, cli_main
 
-def is_data_dir(folder):
-    return (folder / "train.csv").is_file() and (folder / "test.csv").is_file()
+
+def shallowest_first(paths):
+    return sorted(paths, key=lambda path: (len(path.parts), str(path)))
 
 
 def find_shallow(root, name):
     """Files called `name` under `root`, shallowest first, outside any RxRx1 data folder.
     Symlinked folders are followed: the local dry run links its inputs."""
-    found = [folder / name for folder, files in search.walk(root) if name in files]
-    return sorted(found, key=lambda path: (len(path.parts), str(path)))
+    return shallowest_first(folder / name for folder, files in search.walk(root) if name in files)
 
 
 def find_data_dir(root):
     """The competition data folder under `root`: the shallowest holding train.csv and test.csv."""
-    for csv in find_shallow(root, "train.csv"):
-        if is_data_dir(csv.parent):
-            return csv.parent
+    found = shallowest_first(folder for folder, files in search.walk(root)
+                             if search.is_data_folder(files))
+    if found:
+        return found[0]
     raise UserError(f"no RxRx1 data (train.csv and test.csv) under {root}: attach the "
                     f"competition to the kernel (competition_sources in kernel-metadata.json)")
 
