@@ -23,16 +23,33 @@ import pandas as pd
 import torch
 
 from rcic.adabn import MODES as ADABN_MODES, batchnorm_layers, use_adabn
-from rcic.data.layout import plate_key
+from rcic.data.layout import RxRx1, plate_key
 from rcic.errors import UserError
 from rcic.inference import load_member, site_probabilities, well_probabilities
 from rcic.plates import MODES, PlateStructure, plate_step
-from rcic.submission import check_submission, write_submission
+from rcic.search import KAGGLE_INPUT
+from rcic.submission import check_output_path, check_submission, write_submission
+from rcic.tta import views as tta_views
 from rcic.weights import find_weights, read_meta
 
 log = logging.getLogger("rcic")
 FAMILIES = ("specialist", "generalist")
 REPORT_NAME = "predict_report.json"
+LOCAL_RUNS = Path("runs")
+
+
+def run_prediction(data, out, checkpoints=(), tta=8, plates="assign", adabn="auto",
+                   batch_size=64, device="auto", workers=0, cache=""):
+    """rcic-predict as a function: `data` (an RxRx1 or its folder) and the weights files or
+    stage folders in `checkpoints` (none: the newest under /kaggle/input and runs/) -> the
+    checked submission `out`; returns the report, also saved beside it as REPORT_NAME."""
+    check_output_path(out)
+    views = tta_views(tta)
+    device = pick_device(device)
+    data = data if isinstance(data, RxRx1) else RxRx1(data)
+    roots = [r for r in (KAGGLE_INPUT, LOCAL_RUNS) if r.is_dir()]
+    weights = resolve_checkpoints(checkpoints, roots)
+    return predict(data, weights, out, views, plates, batch_size, device, workers, cache, adabn)
 
 
 def pick_device(name):
@@ -139,12 +156,24 @@ def predict(data, checkpoints, out, views, plates="assign", batch_size=64,
     pred = plate_step(plates, wells, probs, structure)
     out = write_submission(out, wells["id_code"], pred)
     check_submission(out, data.root)
-    report = {"submission": str(out), "rows": len(wells), "tta_views": [v.name for v in views],
+    report = {"submission": str(out), "data": str(data.root), "rows": len(wells), "tta_views": [v.name for v in views],
               "plates": plates, "checkpoints": used}
     if data.answers is not None:
         report.update(score(data, wells, probs, structure))
     (out.parent / REPORT_NAME).write_text(json.dumps(report, indent=1))
     return report
+
+
+def describe(report):
+    """The lines a person reads about a prediction: what was written, and any accuracy."""
+    lines = [f"wrote {report['submission']} ({report['rows']} rows, checked against "
+             f"{report['data']})"]
+    for mode, acc in report.get("accuracy", {}).items():
+        cells = ", ".join(f"{c} {a:.3f}" for c, a in acc["per_cell_type"].items())
+        lines.append(f"accuracy --plates {mode}: {acc['overall']:.4f} ({cells})")
+    if "plate_groups_correct" in report:
+        lines.append(f"test plates with the right siRNA group: {report['plate_groups_correct']}")
+    return lines
 
 
 def score(data, wells, probs, structure=None):
