@@ -1,7 +1,8 @@
 """The plate structure of RxRx1, learnt from train and used to correct test predictions.
 
 The treatments fall into 4 fixed, disjoint groups; each plate holds one group, each siRNA of
-it once; which group sits on which plate is a cyclic rotation per experiment (FACTS.md).
+it once; which group sits on which plate is a cyclic rotation per experiment
+(docs/rxrx1-and-kaggle.md).
 So for a test plate, once we know its group, 3/4 of the classes are impossible (`mask`), and
 the wells of the plate must take *different* siRNAs of the group (`assign`: a linear
 assignment on log-probabilities, solved exactly by scipy).

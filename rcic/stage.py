@@ -1,6 +1,6 @@
 """One stage: resume, train while the budget allows, save, report.
 
-The contract (DESIGN.md): the stage never runs past its budget. Before each optimizer step,
+The contract (README.md): the stage never runs past its budget. Before each optimizer step,
 each validation and each periodic save it asks whether that work *plus the final save* still
 fits, using measured durations. Whatever happens it leaves a committed checkpoint, the
 inference weights, `stage.json`, `metrics.csv`, `curves.png` and `stage.log` in its folder.

@@ -101,7 +101,7 @@ class RxRx1:
                             f"folder, or leave --data out to use the embedded synthetic data")
         problems = Problems(self.root)
         tables = {name: self._read_csv(name, problems) for name in SCHEMAS}
-        problems.raise_if_any("Fix the CSV files named above (schemas: see FACTS in the README).")
+        problems.raise_if_any("Fix the CSV files named above (schemas: docs/rxrx1-and-kaggle.md).")
         self.tables = tables
         self.wells = self._build_wells(tables, problems)
         problems.raise_if_any("Fix or restore the CSV rows named above.")

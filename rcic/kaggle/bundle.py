@@ -18,7 +18,7 @@ from pathlib import Path
 from rcic.errors import UserError, refuse_nonempty
 from rcic.kaggle import metadata
 
-# Runtime dependencies of rcic that Kaggle's image does not have (see FACTS.md).
+# Runtime dependencies of rcic that Kaggle's image does not have (docs/rxrx1-and-kaggle.md).
 MISSING_ON_KAGGLE = ["efficientnet-pytorch"]
 
 
