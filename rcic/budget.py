@@ -142,11 +142,6 @@ class DurationEstimator:
         early = self._early[kind] + ([self._seeds[kind]] if kind in self._seeds else [])
         return max(early) if early else default
 
-    def estimates(self):
-        """{kind: estimate} for every kind seen or seeded, to seed the next stage with."""
-        kinds = set(self._seeds) | {k for k, v in self._early.items() if v}
-        return {kind: self.estimate(kind) for kind in sorted(kinds)}
-
     @contextmanager
     def timer(self, kind):
         """Time the block and record it under `kind` (not when it raises: that is no sample)."""
@@ -173,11 +168,6 @@ class StopRequest:
     @property
     def requested(self):
         return self._signum is not None
-
-    @property
-    def signal_name(self):
-        """"SIGTERM" or "SIGINT" once requested, for the log; None before."""
-        return None if self._signum is None else signal.Signals(self._signum).name
 
     def _handle(self, signum, frame):
         if self._signum is None:

@@ -254,13 +254,6 @@ def find_checkpoints(roots, recipe_hash=None):
     return [ref for ref in _candidates(roots, recipe_hash) if _verified(ref)]
 
 
-def latest_checkpoint(roots, recipe_hash=None):
-    """The newest valid checkpoint under `roots` (of `recipe_hash` if given), or None.
-
-    Hashes only as many candidates as it takes: the newest that passes wins."""
-    return next((ref for ref in _candidates(roots, recipe_hash) if _verified(ref)), None)
-
-
 def _candidates(roots, recipe_hash):
     """Checkpoints whose manifests read well and whose files have the right sizes, newest first."""
     refs = []

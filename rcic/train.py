@@ -16,7 +16,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-import rcic
 from rcic.adabn import plate_rows, plate_statistics
 from rcic.data.layout import N_CONTROL_CLASSES, plate_key
 from rcic.data.dataset import EpochBatchSampler, Normalizer, SiteDataset, make_loader
@@ -151,9 +150,7 @@ class Trainer:
                          "loss_sum": self._loss_sum.item(), "loss_count": self._loss_count},
             "history": list(self.history),
             "pseudo": {"labels": self.pseudo_labels, "epoch": self.pseudo_epoch},
-            "recipe": self.recipe.to_dict(),
-            "recipe_hash": self.recipe.training_hash(),
-            "package_version": rcic.__version__,
+            # The recipe, its hash and the rcic version are in the checkpoint's manifest.
         }
 
     def load_state_dict(self, state):

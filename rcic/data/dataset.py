@@ -182,10 +182,6 @@ class EpochBatchSampler(Sampler):
             yield [(self.epoch, int(i)) for i in batch]
 
 
-def steps_per_epoch(n, batch_size, groups=None, world=1):
-    return len(EpochBatchSampler(n, batch_size, 0, 0, groups=groups, world=world).batches)
-
-
 def ignore_stop_signals(_worker_id):
     """Workers leave SIGTERM/SIGINT to the main process, which finishes the step and saves;
     a worker killed by a group-wide signal would make the main process fail instead."""
