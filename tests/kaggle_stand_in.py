@@ -90,7 +90,7 @@ class StandIn:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def methods(self):
@@ -209,6 +209,19 @@ def kaggle_env(stand_in, tmp_path, credentials=True):
     return env
 
 
+def render_chain(tmp_path_factory, stages):
+    """A rendered chain (jdoe/rcic-b0-stage-NN ... jdoe/rcic-b0-submit), made once: rendering
+    builds the recipe's model, which imports torch."""
+    from rcic.cli.chain import main
+
+    root = tmp_path_factory.mktemp(f"chain{stages}")
+    recipe = root / "recipe.yaml"
+    recipe.write_text("name: t\ntrain:\n  epochs: 1\n")
+    assert main(["init", "--owner", "jdoe", "--prefix", "rcic-b0", "--stages", str(stages),
+                 "--config", str(recipe), "--out", str(root / "chain")]) == 0
+    return root / "chain"
+
+
 RCIC_CHAIN = ["-c", "import sys; from rcic.cli.chain import main; sys.exit(main(sys.argv[1:]))"]
 
 
@@ -221,3 +234,21 @@ def rcic_chain(env, *args, timeout=120):
 def start_rcic_chain(env, *args):
     return subprocess.Popen([sys.executable, *RCIC_CHAIN, *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_here(monkeypatch, capsys, env, *args):
+    """rcic-chain in this process with `env` (a new interpreter costs seconds: importing kaggle
+    and pandas), answered like subprocess.run's."""
+    import rcic.cli.chain
+
+    for name in [n for n in os.environ if n not in env]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from kaggle.api.kaggle_api_extended import KaggleApi
+    # The client reads KAGGLE_API_ENVIRONMENT once, when it is first imported: say it again.
+    monkeypatch.setattr(KaggleApi, "args", ["--local"])
+    capsys.readouterr()
+    code = rcic.cli.chain.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)

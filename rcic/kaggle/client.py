@@ -95,7 +95,8 @@ def patiently(call, what, poll_seconds, echo, sleep, then, retry_missing=False):
 
 
 def push(api, folder, kernel):
-    """Push one kernel folder; returns (version number, url). A rejected push is a UserError."""
+    """Push one kernel folder; returns (version number, url, problem): a rejected push is a
+    UserError; `problem` says which inputs Kaggle did not accept for a kernel it saved."""
     with calling(f"the push of {kernel}"):
         response = api.kernels_push(str(folder))
     if response is None:
@@ -105,14 +106,13 @@ def push(api, folder, kernel):
     invalid = {"dataset": response.invalid_dataset_sources,
                "competition": response.invalid_competition_sources,
                "kernel": response.invalid_kernel_sources}
-    invalid = {kind: names for kind, names in invalid.items() if names}
-    if invalid:
-        listed = "; ".join(f"{kind} {', '.join(names)}" for kind, names in invalid.items())
-        # The kernel was saved, but it would run without these inputs and fail: stop here.
-        raise UserError(f"Kaggle accepted {kernel} but not its inputs ({listed}): publish the "
-                        f"bundle (rcic-chain publish-bundle), join the competition, and push "
-                        f"the kernels in order")
-    return response.version_number, response.url
+    listed = "; ".join(f"{kind} {', '.join(names)}" for kind, names in invalid.items() if names)
+    problem = None
+    if listed:
+        # The kernel was saved, but it runs without these inputs and fails.
+        problem = (f"Kaggle accepted {kernel} but not its inputs ({listed}): publish the bundle "
+                   f"(rcic-chain publish-bundle) and join the competition")
+    return response.version_number, response.url, problem
 
 
 def current_version(api, kernel, poll_seconds=60.0, echo=print, sleep=time.sleep):

@@ -76,8 +76,11 @@ class Driver:
         before = client.current_version(self.api, kernel, self.poll_seconds, self.echo,
                                         self.sleep)
         attempt = self.record.intend(name, kernel, before)
-        version, url = client.push(self.api, folder, kernel)
+        version, url, problem = client.push(self.api, folder, kernel)
         self.record.update(attempt, version=version, pushed_at=time.time())
+        if problem:
+            raise UserError(f"{problem}, then run rcic-chain push --from {name} "
+                            f"{self.chain_dir}")
         self.echo(f"pushed {kernel} (version {version}): {url}")
         return attempt
 
