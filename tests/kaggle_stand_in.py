@@ -113,7 +113,8 @@ class FakeKaggle:
         self.runs = {}            # slug -> the states its next run steps through
         self.versions = {}        # slug -> [{"states": [...], "polls": n}, ...]
         self.outputs = {}         # slug -> {file name: bytes}
-        self.submissions = []     # {"ref", "polls", "states", "token"}
+        self.submissions = []     # {"ref", "polls", "token", "description"}
+        self.events = []          # ("push", slug, version) and ("state", slug, version, state)
         self.score = ("PENDING", "COMPLETE")
         self.scores = {"publicScore": "0.97310", "privateScore": "0.98127"}
         self.quota = {"timeUsed": "43200s", "totalTimeAllowed": "108000s"}   # 12 of 30 h
@@ -132,6 +133,7 @@ class FakeKaggle:
         self.versions.setdefault(slug, []).append({"states": states, "polls": 0,
                                                    "text": body["text"]})
         number = len(self.versions[slug])
+        self.events.append(("push", slug, number))
         return 200, {"ref": f"/code/jdoe/{slug}", "url": f"http://localhost/code/jdoe/{slug}",
                      "versionNumber": number}
 
@@ -150,6 +152,9 @@ class FakeKaggle:
             return 404, {"code": 404, "message": "Notebook not found"}
         state = self.state(version)
         version["polls"] += 1
+        number = self.versions[body["kernelSlug"]].index(version) + 1
+        self.events.append(("state", body["kernelSlug"], number,
+                            state["status"] if isinstance(state, dict) else state))
         payload = state if isinstance(state, dict) else {"status": state}
         return 200, payload
 
