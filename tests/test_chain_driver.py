@@ -161,8 +161,16 @@ def test_from_restarts_the_chain_at_a_chosen_kernel(kaggle, cli, chain_dir):
     assert "rcic-b0-stage-01 version 1: complete (not pushed again)" in result.stdout
     assert "pushed jdoe/rcic-b0-stage-02 (version 2)" in result.stdout
     assert pushes(kaggle) == [1, 2, 2]
-    assert "has no such kernel; choose one of stage-01, stage-02, submit" in one_line(
-        cli("push", chain_dir, "--from", "stage-9"))
+
+
+def test_bad_driver_arguments_are_one_line_before_any_request(server, kaggle, cli, chain_dir):
+    assert one_line(cli("push", chain_dir, "--from", "stage-9")) == (
+        f"--from stage-9: {chain_dir} has no such kernel; choose one of stage-01, stage-02, "
+        f"submit")
+    for command in ("push", "submit"):
+        assert "'0' is not a number of seconds above 0" in one_line(
+            cli(command, chain_dir, "--poll-seconds", "0"))
+    assert server.requests == []
 
 
 # -- every state -------------------------------------------------------------------------------

@@ -30,6 +30,16 @@ def whole_number(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
 
 
+def seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 def cmd_init(args):
     spec = chain.ChainSpec(owner=args.owner, prefix=args.prefix, stages=args.stages,
                            recipe=Path(args.config), budget=args.budget,
@@ -138,7 +148,7 @@ def build_parser():
 
     s = sub.add_parser("push", help="push the kernels in order, waiting for each; resumable")
     s.add_argument("dir")
-    s.add_argument("--poll-seconds", type=float, default=60.0,
+    s.add_argument("--poll-seconds", type=seconds, default=60.0,
                    help="seconds between status checks (default 60)")
     s.add_argument("--retry", action="store_true",
                    help="push again a kernel whose recorded run failed or was cancelled")
@@ -153,7 +163,7 @@ def build_parser():
                                            "kernel and version)")
     s.add_argument("--again", action="store_true",
                    help="submit even though this version of the kernel was submitted before")
-    s.add_argument("--poll-seconds", type=float, default=60.0,
+    s.add_argument("--poll-seconds", type=seconds, default=60.0,
                    help="seconds between score checks (default 60)")
     s.set_defaults(func=cmd_submit)
 
