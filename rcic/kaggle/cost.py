@@ -19,14 +19,15 @@ WEEKLY_GPU_HOURS = 30.0      # Kaggle's GPU quota a week, when the API does not 
 STAGE_JSON = "stage.json"
 
 
-def observed_seconds(attempt, now):
-    """Seconds a run held a GPU as the driver saw it, or None when it did not see enough."""
-    start = attempt.get("running_at")
+def observed_seconds(attempt, now, running):
+    """Seconds a run held a GPU as the driver saw it (so far, if `running`), or None when no
+    driver saw it start, or end."""
+    start, end = attempt.get("running_at"), attempt.get("finished_at")
     if start is None:
         return None
-    if attempt.get("finished_at") is not None:
-        return attempt["finished_at"] - start
-    return None if attempt.get("state") in client.FINISHED else now - start
+    if end is not None:
+        return end - start
+    return now - start if running else None
 
 
 def stage_report(api, folder, kernel, completed_version):
@@ -63,7 +64,7 @@ def chain_status(chain_dir, api, echo=print):
         if folder.name != "submit":
             report = stage_report(api, folder, kernel, version if finished == client.COMPLETE
                                   else None)
-        seconds = observed_seconds(current, now) if current else None
+        seconds = observed_seconds(current, now, not finished) if current else None
         if seconds is None and report is not None and finished:
             seconds = report.get("seconds_used")      # it ended while no driver watched
         shown = "-" if seconds is None else hours(seconds) + ("" if finished else " so far")
@@ -71,7 +72,7 @@ def chain_status(chain_dir, api, echo=print):
              + (f"  ({message})" if message else ""))
         # Every run the chain made cost GPU time, the failed and the restarted ones too.
         for past in record.attempts(folder.name):
-            timed = seconds if past is current else observed_seconds(past, now)
+            timed = seconds if past is current else observed_seconds(past, now, False)
             if timed is not None:
                 used += timed
             elif past["version"] is not None:
