@@ -1,7 +1,7 @@
 """A stand-in Kaggle on 127.0.0.1 for the real `kaggle` client, and a small simulated Kaggle on it.
 
-The client is pointed here with KAGGLE_API_ENVIRONMENT=LOCALHOST and HTTP_PROXY (see
-README.md, "On Kaggle", and docs/rxrx1-and-kaggle.md). Every call of the client is then
+The client is pointed here by `kaggle_env` (KAGGLE_API_ENVIRONMENT=LOCALHOST, HTTP_PROXY, fake
+credentials; see docs/rxrx1-and-kaggle.md). Every call of the client is then
 `POST http://localhost/api/v1/<Service>/<Method>` with a camelCase JSON body; file downloads are
 GETs and uploads PUTs of the URLs the server hands out.
 

@@ -265,8 +265,10 @@ def pushed(kaggle, cli, chain_dir):
 
 def test_submit_sends_the_submission_kernels_output_and_prints_both_scores(server, kaggle, cli,
                                                                           pushed):
+    kaggle.score = ("PENDING", "RESCORING", "COMPLETE")     # a state rcic does not know
     result = cli("submit", pushed, "-m", "b0 chain", "--poll-seconds", "0.001")
     assert result.returncode == 0, result.stderr
+    assert "submission 1000: rescoring (a state rcic does not know" in result.stdout
     assert "public score 0.97310, private score 0.98127 (submission 1000" in result.stdout
     # The output of the version that completed, uploaded as it was.
     assert server.bodies(OUTPUT)[-1]["kernelSlug"] == "rcic-b0-submit"

@@ -202,23 +202,34 @@ def submit_file(api, path, competition, message):
     return response.ref
 
 
+def read_submission(api, ref):
+    """(state, public score, private score, error) of a submission; raises what the client
+    raises. A state kagglesdk cannot parse comes back by its name, as in read_status."""
+    try:
+        submission = api.get_submission(ref)
+    except KeyError as err:
+        return (str(err.args[0]).lower() if err.args else "unknown"), None, None, None
+    return (submission.status.name.lower(), submission.public_score, submission.private_score,
+            (submission.error_description or "").strip())
+
+
 def wait_for_score(api, ref, poll_seconds, echo=print, sleep=time.sleep):
     """Poll a submission until Kaggle has scored it; returns (public, private) scores."""
     last = None
     while True:
-        submission = patiently(lambda: api.get_submission(ref), f"the score of submission {ref}",
-                               poll_seconds, echo, sleep,
-                               "run rcic-chain submit DIR again to keep waiting",
-                               retry_missing=True)
-        state = submission.status.name.lower()
+        state, public, private, error = patiently(
+            lambda: read_submission(api, ref), f"the score of submission {ref}", poll_seconds,
+            echo, sleep, "run rcic-chain submit DIR again to keep waiting", retry_missing=True)
         if state != last:
-            echo(f"submission {ref}: {state}")
+            known = state in ("pending", "complete", "error")
+            echo(f"submission {ref}: {state}" + ("" if known else " (a state rcic does not "
+                                                                  "know: it keeps waiting)"))
             last = state
         if state == "complete":
-            return submission.public_score, submission.private_score
+            return public, private
         if state == "error":
-            reason = (submission.error_description or "").strip() or "no reason given"
-            raise UserError(f"Kaggle could not score submission {ref}: {reason}")
+            raise UserError(f"Kaggle could not score submission {ref}: "
+                            f"{error or 'no reason given'}")
         sleep(poll_seconds)
 
 
