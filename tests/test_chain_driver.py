@@ -174,6 +174,13 @@ def test_bad_driver_arguments_are_one_line_before_any_request(server, kaggle, cl
     assert server.requests == []
 
 
+def test_a_damaged_record_is_one_line_and_pushes_nothing(server, kaggle, cli, chain_dir):
+    (chain_dir / "pushes.json").write_text('{"kernels": {"stage-01": [{"kern')
+    assert one_line(cli("push", chain_dir)).startswith(
+        f"cannot read {chain_dir / 'pushes.json'} (Unterminated string")
+    assert pushes(kaggle) == [0, 0, 0]
+
+
 # -- every state -------------------------------------------------------------------------------
 def test_waiting_states_are_waited_through_and_an_unknown_one_is_named(kaggle, cli, chain_dir):
     kaggle.run = ("NEW_SCRIPT", "QUEUED", "PAUSED_BY_KAGGLE", "RUNNING", "COMPLETE")

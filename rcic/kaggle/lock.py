@@ -16,7 +16,12 @@ LOCK_FILE = ".rcic-chain.lock"
 @contextlib.contextmanager
 def exclusive(chain_dir, command):
     path = Path(chain_dir) / LOCK_FILE
-    with open(path, "a") as handle:
+    try:
+        handle = open(path, "a")
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({err.strerror}): {command} keeps its record in "
+                        f"{chain_dir}; make the folder writable") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

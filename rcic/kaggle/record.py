@@ -39,7 +39,13 @@ class Record:
                                 f"kernel that has not completed") from None
 
     def save(self):
-        write_atomic(self.path, json.dumps(self.data, indent=1) + "\n")
+        try:
+            write_atomic(self.path, json.dumps(self.data, indent=1) + "\n")
+        except OSError as err:
+            # The previous record is intact (atomic replace), and it ends in an intent at
+            # worst, which the next run settles by asking Kaggle.
+            raise UserError(f"cannot write {self.path} ({err.strerror}): free some space or "
+                            f"make the folder writable, then run the same command again") from None
 
     def attempts(self, name):
         return self.data["kernels"].get(name, [])
