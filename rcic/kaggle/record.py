@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from rcic.data.cache import write_atomic
+from rcic.atomic import write_atomic
 from rcic.errors import UserError
 
 RECORD_FILE = "pushes.json"
