@@ -172,6 +172,11 @@ def render_chain(spec, out):
     return [out / k[0] for k in kernels]
 
 
+def is_stage(folder):
+    """Whether a rendered kernel folder is a training stage (not a cache or the submission)."""
+    return Path(folder).name.startswith("stage-")
+
+
 def kernel_folders(chain_dir):
     """The chain's kernel folders in the order they run, each checked against Kaggle's rules."""
     chain = metadata.read_json(Path(chain_dir) / CHAIN_FILE)
