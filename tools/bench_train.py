@@ -216,8 +216,8 @@ def make_recipe(folder, args):
                          train_experiments=args.experiments, test_experiments=1,
                          cell_types=["HUVEC"])
         data = RxRx1(generate(folder / "data", spec))
-    cache = build_cache(data, folder / "cache", args.size, progress=False, format="raw",
-                        split="train")
+    cache = args.cache or build_cache(data, folder / "cache", args.size, progress=False,
+                                      format="raw", split="train")
     recipe = Recipe()
     recipe.data.image_size, recipe.data.cache = args.size, str(cache)
     recipe.data.batch_size, recipe.data.num_workers = args.batch, args.workers
@@ -251,6 +251,8 @@ def main():
                    help="also measure the rcic step with torch.compile (slow to start)")
     p.add_argument("--data", type=Path,
                    help="an RxRx1 folder to read instead of writing a synthetic one")
+    p.add_argument("--cache", type=Path,
+                   help="a raw cache of --data at --size px (rcic-cache) instead of building one")
     p.add_argument("--max-batch", type=int, default=0,
                    help="also search the largest batch that fits, up to this bound (0: no search)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -288,6 +290,8 @@ def main():
         for _ in range(args.rounds):
             for meter in meters:
                 meter.measure(args.steps)
+        if args.json:   # written now too, so that a search cut short keeps the measurement
+            args.json.write_text(json.dumps(report(args, trainer, meters, {}), indent=1))
         # After the measurement: a search leaves the weights changed and memory fragmented.
         searched = {meter.name: largest_batch(meter, args.batch, args.max_batch, args.size)
                     for meter in meters if args.max_batch}
