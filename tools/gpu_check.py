@@ -93,7 +93,7 @@ def gpu_plan(cores, stage_budget):
         synth={"classes": 80, "experiments": 5, "size": 64},
         loader={"size": 256, "classes": 16, "seconds": 1.0, "workers": cores},
         stage_sets=["model.backbone=resnet50", "data.batch_size=64", f"data.num_workers={cores}",
-                    "train.epochs=1000", "train.checkpoint_every_steps=500"],
+                    "train.epochs=1000", "train.checkpoint_every_steps=200"],
         stage_size=256, stage_budget=stage_budget, resume_budget=20, resume_steps=0,
         estimate_model=("efficientnet-b5", 512),
         caps={"env": 15, "tests": 120, "data": 35, "step 256": 18, "step 512": 26, "loader": 20,
@@ -351,8 +351,7 @@ def peak_tflops(device_name):
 
 def estimate(rows, plan, env, peak_override):
     """Hours of the winners' recipe here and, scaled by peak fp16 FLOP rates, on Kaggle T4 x2."""
-    sys.path.insert(0, str(ROOT))
-    from rcic.config import load_recipe
+    from rcic.config import load_recipe   # the parts need rcic installed; so does this
     recipe = load_recipe(str(WINNERS_RECIPE))
     backbone, size = plan.estimate_model
     row = next((r for r in rows if (r["backbone"], r["size"]) == (backbone, size)
