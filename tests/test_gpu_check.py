@@ -59,6 +59,8 @@ def test_dry_run_fills_the_json_and_the_table_in_under_a_minute(tmp_path):
     stage, resume = check["stage"]
     assert stage["resumed_from"] is None and stage["checkpoints_seen"] >= 1
     assert resume["resumed_from"] and resume["steps_this_stage"] <= 2   # --steps 2
+    # A resume that trained commits one new checkpoint; one that did not carries the old one.
+    assert resume["checkpoints_seen"] == (1 if resume["steps_this_stage"] else 0)
     assert resume["global_step"] == stage["global_step"] + resume["steps_this_stage"]
 
     est = check["estimate"]

@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -264,6 +265,7 @@ class Check:
     def real_stage(self):
         plan = self.plan
         out = self.work / "stage"
+        shutil.rmtree(out, ignore_errors=True)   # a fresh start, not a resume of an older check
         sets = [f"data.image_size={plan.stage_size}", f"data.cache={self.cache(plan.stage_size)}",
                 *plan.stage_sets]
         runs = []
@@ -278,14 +280,17 @@ class Check:
 
             def watch():   # checkpoints committed, seen from outside (older ones are pruned)
                 if out.is_dir():
-                    seen.update(p.name for p in out.glob("ckpt-*") if not p.name.startswith("."))
+                    seen.update(p.name for p in out.glob("ckpt-*"))
+
+            watch()
+            before = set(seen)
 
             launched = time.time()
             status = self.run(name, [cmd], plan.caps[name], on_poll=watch)
             wall = self.parts[name]["seconds"]
             watch()
             run = {"run": name, "status": status, "budget_seconds": budget, "wall_seconds": wall,
-                   "checkpoints_seen": len(seen),
+                   "checkpoints_seen": len(seen - before),
                    "startup_seconds": startup_seconds(out / "stage.log", launched)}
             if (out / "stage.json").exists():
                 report = json.loads((out / "stage.json").read_text())
@@ -455,8 +460,9 @@ def markdown(result):
             add(f"| {path['path']} | {path['per_core_per_s']:.0f} | {path['workers_per_s']:.0f} | "
                 f"{path['x_baseline_workers']:.1f} |")
         add("")
-    add("A real stage (`rcic-stage`, timed from outside; start-up: launch to the first line "
-        "before training, from stage.log):")
+    add("A real stage (`rcic-stage`, timed from outside; checkpoints seen: new checkpoint "
+        "folders seen while it ran; start-up: launch to the last line before training, from "
+        "stage.log):")
     add("")
     add("| run | status | budget s | wall s | used | steps | samples/s | saving s "
         "| checkpoints seen | start-up s | resumed |")
