@@ -69,7 +69,7 @@ def runner(tmp_path_factory):
     return path
 
 
-def deterministic_stage(runner, data, out, *extra, ranks=1, share_gpu=False, sets=()):
+def deterministic_stage(runner, data, out, *extra, ranks=1, share_gpu=False):
     """One stage through the deterministic runner; ranks > 1 launches it under torchrun."""
     env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8")
     if share_gpu:
@@ -78,7 +78,7 @@ def deterministic_stage(runner, data, out, *extra, ranks=1, share_gpu=False, set
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={ranks}", str(runner)]
     cmd = [*launch, "--data", str(data), "--out", str(out), "--budget", "5m", "--quiet",
-           *extra, "--set", *TINY, *sets]
+           *extra, "--set", *TINY]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "stage.json").read_text())
