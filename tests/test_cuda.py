@@ -120,7 +120,8 @@ def loss_and_grads(model, x, cell_types, labels, amp):
     with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
         loss = create_loss(ModelConfig())(model(x, cell_types), labels)
     loss.backward()
-    return loss.detach().double(), torch.cat([p.grad.double().flatten() for p in model.parameters()])
+    grads = torch.cat([p.grad.double().flatten() for p in model.parameters()])
+    return loss.detach().double(), grads
 
 
 def relative_error(a, b):

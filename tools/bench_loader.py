@@ -12,7 +12,7 @@ so every path reads the same sites. "per core" is a loop in this process; "worke
 DataLoader with --workers processes (default: all cores), timed after its first batch.
 
     python tools/bench_loader.py --size 256
-    python tools/bench_loader.py --paths seeds cache-raw --json loader.json   # as gpu_check.py runs it
+    python tools/bench_loader.py --paths seeds cache-raw --json loader.json   # as gpu_check.py
 """
 import argparse
 import json
@@ -149,8 +149,9 @@ def main():
             print(f"{name:<12}{one:>13.0f}{one / base[0]:>9.1f}{many:>17.0f}"
                   f"{many / base[1]:>9.1f}")
             results.append({"path": name, "per_core_per_s": round(one, 1),
-                         "workers_per_s": round(many, 1), "x_baseline_per_core": round(one / base[0], 2),
-                         "x_baseline_workers": round(many / base[1], 2)})
+                            "workers_per_s": round(many, 1),
+                            "x_baseline_per_core": round(one / base[0], 2),
+                            "x_baseline_workers": round(many / base[1], 2)})
         if args.json:
             args.json.write_text(json.dumps({"size": args.size, "sites": n, "workers": args.workers,
                                              "seconds": args.seconds, "paths": results}, indent=1))

@@ -124,7 +124,7 @@ def plan_seconds(plan):
             + caps["resume"] + len(plan.backbones) * sum(plan.step_cap(s) for s in plan.sizes))
 
 
-# -- running parts -------------------------------------------------------------------------------
+# -- running parts ---------------------------------------------------------------------------
 def run_commands(commands, cap, log, env, on_poll=None):
     """Run commands one after another inside one time cap; on timeout kill the whole process
     group (torchrun, DataLoader workers and all). Returns (status, seconds)."""
@@ -186,7 +186,8 @@ class Check:
     def probe_env(self):
         probe = self.work / "env.json"
         code = ("import json, os, platform, sys, torch\n"
-                "gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]\n"
+                "gpus = [torch.cuda.get_device_properties(i)\n"
+                "        for i in range(torch.cuda.device_count())]\n"
                 "json.dump({'torch': torch.__version__, 'python': platform.python_version(),\n"
                 " 'cpu_cores': os.cpu_count(), 'cuda': torch.version.cuda,\n"
                 " 'cudnn': torch.backends.cudnn.version(),\n"
@@ -346,7 +347,7 @@ def startup_seconds(log, launched):
     return None
 
 
-# -- the arithmetic --------------------------------------------------------------------------------
+# -- the arithmetic --------------------------------------------------------------------------
 def peak_tflops(device_name):
     for pattern, tflops in PEAK_FP16_TFLOPS:
         if re.search(pattern, device_name):
@@ -392,7 +393,7 @@ def estimate(rows, plan, env, peak_override):
     return result
 
 
-# -- the markdown table ------------------------------------------------------------------------------
+# -- the markdown table ----------------------------------------------------------------------
 def fmt(value, spec="", none="-"):
     if value is None:
         return none
@@ -441,7 +442,9 @@ def markdown(result):
 
         def largest(x):
             batch = x.get("largest_batch")
-            return "-" if batch is None else (">=" if x.get("largest_batch_at_bound") else "") + str(batch)
+            if batch is None:
+                return "-"
+            return (">=" if x.get("largest_batch_at_bound") else "") + str(batch)
         add(f"| {row['backbone']} | {row['size']} | {fmt(row.get('batch'))} | "
             f"{fmt(base.get('images_per_s'), '.1f')} | {fmt(own.get('images_per_s'), '.1f')} | "
             f"{fmt(own.get('x_baseline'), '.2f')} | {fmt(base.get('waits'), '.1%')} / "
@@ -494,7 +497,8 @@ def markdown(result):
             f"{fmt(est.get('images_per_s_kaggle'), '.1f')} (x {fmt(est.get('scale'), '.4f')}) |")
         add(f"| hours for the recipe | {est['hours_here']:.1f} | "
             f"{fmt(est.get('hours_kaggle'), '.1f')} |")
-        add(f"| {KAGGLE_STAGE_HOURS:g}-hour stages | {math.ceil(est['hours_here'] / KAGGLE_STAGE_HOURS)} | "
+        stages_here = math.ceil(est["hours_here"] / KAGGLE_STAGE_HOURS)
+        add(f"| {KAGGLE_STAGE_HOURS:g}-hour stages | {stages_here} | "
             f"{fmt(est.get('stages_kaggle'))} |")
         add(f"| weeks of the {KAGGLE_WEEKLY_HOURS:g}-hour GPU quota | - | "
             f"{fmt(est.get('weeks_of_quota_kaggle'), '.1f')} |")
