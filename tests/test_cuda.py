@@ -89,13 +89,12 @@ def checkpoint_state(out):
 
 
 def resumes_exactly(runner, data, tmp_path, **launch):
-    """An uninterrupted run and one split into three stages end with the same weights."""
+    """An uninterrupted run and one split into two stages end with the same weights."""
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert deterministic_stage(runner, data, whole, **launch)["done"] is True
     first = deterministic_stage(runner, data, split, "--steps", "3", **launch)
     assert first["done"] is False and first["global_step"] == 3
     middle = checkpoint_state(split)
-    deterministic_stage(runner, data, split, "--steps", "2", **launch)
     assert deterministic_stage(runner, data, split, **launch)["done"] is True
     assert same_weights(weights(split), weights(whole))
     assert (split / "metrics.csv").read_text() == (whole / "metrics.csv").read_text()

@@ -97,7 +97,7 @@ def gpu_plan(cores, stage_budget):
                     "train.epochs=1000", "train.checkpoint_every_steps=200"],
         stage_size=256, stage_budget=stage_budget, resume_budget=20, resume_steps=0,
         estimate_model=("efficientnet-b5", 512),
-        caps={"env": 15, "tests": 120, "data": 35, "step 256": 18, "step 512": 26, "loader": 20,
+        caps={"env": 15, "tests": 140, "data": 35, "step 256": 18, "step 512": 26, "loader": 20,
               "stage": stage_budget + 10, "resume": 28})
 
 
@@ -526,8 +526,8 @@ def main():
     p.add_argument("--cap", nargs="*", default=[], metavar="NAME=SECONDS",
                    help="change a part's time cap: env, tests, data, loader, stage, resume, "
                         "'step 256', 'step 512'")
-    p.add_argument("--stage-budget", type=int, default=60,
-                   help="seconds of the real stage (its resume gets 20 more); above 60 the "
+    p.add_argument("--stage-budget", type=int, default=45,
+                   help="seconds of the real stage (its resume gets 20 more); above 45 the "
                         "whole run may pass 8 minutes")
     p.add_argument("--peak-tflops", type=float,
                    help="this GPU's peak dense fp16 tensor TFLOPS, when its name is not in the "
