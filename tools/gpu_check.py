@@ -374,7 +374,7 @@ def estimate(rows, plan, env, peak_override):
     sites = RXRX1_TRAIN_SITES + RXRX1_CONTROL_SITES
     result = {"label": "estimate", "model": backbone, "size": size, "recipe": recipe.name,
               "epochs": recipe.train.epochs, "sites_per_epoch": sites,
-              "peak_tflops_here": peak, "peak_source": peak_source, "gpus_here": max(1, len(gpus)),
+              "peak_tflops_here": peak, "peak_source": peak_source,
               "kaggle_tflops": KAGGLE_T4_TFLOPS * KAGGLE_GPUS,
               "stage_hours": KAGGLE_STAGE_HOURS, "weekly_quota_hours": KAGGLE_WEEKLY_HOURS}
     if row is None:
@@ -384,7 +384,8 @@ def estimate(rows, plan, env, peak_override):
     hours = recipe.train.epochs * sites / rate / 3600
     result.update({"images_per_s_here": rate, "hours_here": round(hours, 2)})
     if peak:
-        scale = result["kaggle_tflops"] / (peak * result["gpus_here"])
+        # The step benchmark runs on one GPU, whatever the machine has.
+        scale = result["kaggle_tflops"] / peak
         kaggle_hours = hours / scale
         result.update({"scale": round(scale, 4), "images_per_s_kaggle": round(rate * scale, 2),
                        "hours_kaggle": round(kaggle_hours, 2),
@@ -481,17 +482,17 @@ def markdown(result):
     add(f"**Estimate** (not a measurement): the `{est['recipe']}` recipe's {est['epochs']} epochs "
         f"of {est['sites_per_epoch']:,} sites (RxRx1's train sites with train and test controls),"
         f" at the rcic step's measured images/s for {est['model']} at {est['size']} px. Kaggle's "
-        f"T4 x2 is scaled by peak fp16 tensor FLOP rates alone: images/s x "
-        f"({KAGGLE_GPUS} x {KAGGLE_T4_TFLOPS:g}) / ({est['gpus_here']} x "
-        f"{fmt(est['peak_tflops_here'])}) TFLOPS (peak from {est['peak_source']}); the T4's "
-        f"memory bandwidth and the two-GPU overhead make the real figure slower.")
+        f"T4 x2 is scaled by peak fp16 tensor FLOP rates alone: images/s on one GPU here x "
+        f"({KAGGLE_GPUS} x {KAGGLE_T4_TFLOPS:g}) / {fmt(est['peak_tflops_here'])} TFLOPS (peak "
+        f"from {est['peak_source']}); the T4's memory bandwidth and the two-GPU overhead make "
+        f"the real figure slower.")
     add("")
     if "missing" in est:
         add(f"Not computed: {est['missing']}.")
     else:
         add("| | this machine | Kaggle T4 x2 (estimate) |")
         add("|---|---|---|")
-        add(f"| peak fp16 tensor TFLOPS | {est['gpus_here']} x {fmt(est['peak_tflops_here'])} | "
+        add(f"| peak fp16 tensor TFLOPS | {fmt(est['peak_tflops_here'])} (one GPU) | "
             f"{KAGGLE_GPUS} x {KAGGLE_T4_TFLOPS:g} |")
         add(f"| images/s | {est['images_per_s_here']:.1f} (measured) | "
             f"{fmt(est.get('images_per_s_kaggle'), '.1f')} (x {fmt(est.get('scale'), '.4f')}) |")
