@@ -3,8 +3,8 @@
 For every kernel of a freshly rendered chain, in order:
 - a fresh input folder holding only the kernel's declared inputs, laid out as Kaggle's newer
   /kaggle/input is (datasets/<owner>/<slug>, competitions/<slug>, notebooks/<owner>/<slug>):
-  the bundle and the data are linked, the previous kernel's output is copied with its files
-  made read-only (as /kaggle/input is);
+  the bundle and the data are linked, the outputs of the kernels it lists (the previous
+  stage, the caches) are copied with their files made read-only (as /kaggle/input is);
 - a fresh, empty working folder;
 - a scratch folder outside the working folder (RCIC_SCRATCH), as a kernel's local disk;
 - the rendered kernel script itself, in its own process, killed from outside with SIGKILL
