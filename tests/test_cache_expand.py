@@ -1,12 +1,15 @@
 """expand_cache: a kernel's attached zlib caches (one per split) become one raw cache on local
 disk, the same site for site as a cache built from the PNGs; damaged or overlapping inputs are
-one line."""
+one line; a scratch disk too small for the expanded cache falls back to reading in place."""
+import subprocess
+
 import numpy as np
 import pytest
 
-from rcic.data.cache import CHUNKS, build_cache, expand_cache, open_cache
+from rcic.data.cache import CHUNKS, MANIFEST, build_cache, expand_cache, open_cache
 from rcic.data.layout import RxRx1
 from rcic.errors import UserError
+from rcic.kaggle.scratch import SCRATCH_ENV, expand_attached
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +50,31 @@ def test_overlapping_or_damaged_sources_are_one_line(split_caches, tmp_path):
         expand_cache([caches["train"], damaged], data, tmp_path / "b", 16, progress=False)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 kB file system (tmpfs), where the OS lets this process mount one."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_scratch_disk_too_small_reads_the_cache_in_place(split_caches, small_disk,
+                                                           monkeypatch):
+    data, caches = split_caches
+    monkeypatch.setenv(SCRATCH_ENV, str(small_disk))
+    manifests = [caches[s] / MANIFEST for s in ("train", "test")]
+    lines = []
+    folder, report = expand_attached(manifests[:1], data, 16, "rcic stage 1", lines.append)
+    assert folder == caches["train"] and report["expanded"] is False
+    assert len(lines) == 1 and "do not fit" in lines[0] and "reading the compressed cache" \
+        in lines[0]
+    # Two caches cannot be read in place as one: one line naming the fix.
+    with pytest.raises(UserError, match=f"set {SCRATCH_ENV} to a larger local disk"):
+        expand_attached(manifests, data, 16, "rcic stage 1", lines.append)
+    assert list(small_disk.iterdir()) == []
