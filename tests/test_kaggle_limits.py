@@ -87,6 +87,14 @@ def test_a_kernel_that_opens_a_socket_with_the_internet_off_fails(tmp_path, tiny
     assert message.startswith("stage-01 tried to use the network, but its internet is off")
     assert "Network is unreachable" in (tmp_path / "chain" / "runs" / "stage-01" /
                                         "kernel.log").read_text()
+    # A kernel that fails otherwise is not blamed on the network, even if something in it
+    # warned earlier that it could not reach one.
+    with pytest.raises(UserError) as err:
+        run(tmp_path / "other", tiny_data, "import urllib.request, warnings\n"
+            "try:\n    urllib.request.urlopen('http://example.com', timeout=5)\n"
+            "except OSError as e:\n    warnings.warn(f'no update check: {e}')\n"
+            "raise SystemExit('bad settings')\n")
+    assert str(err.value).startswith("stage-01 ended in ERROR (exit status 1)")
 
 
 def test_output_limit_sizes_and_bad_input(capsys):

@@ -101,9 +101,12 @@ NO_NETWORK = ("Network is unreachable", "Temporary failure in name resolution",
 
 
 def failure(name, status, log_path, offline):
-    """The one line for a kernel that ended in error; names a network use with the internet off."""
+    """The one line for a kernel that ended in error; names a network use with the internet off
+    when that is what ended it: the error on the last line of its log (a library that merely
+    warned it could not check for updates, earlier, is not the cause)."""
     line = f"{name} ended in ERROR (exit status {status}); its log: {log_path}"
-    if offline and any(text in log_path.read_text(errors="replace") for text in NO_NETWORK):
+    last = (log_path.read_text(errors="replace").strip().splitlines() or [""])[-1]
+    if offline and any(text in last for text in NO_NETWORK):
         line = (f"{name} tried to use the network, but its internet is off (as on Kaggle, "
                 f"where it would fail the same way): bundle what it downloads; {line}")
     return line
