@@ -30,7 +30,8 @@ def test_train_and_test_caches_expand_into_one_raw_cache(split_caches, tmp_path)
                         data, 16)
     assert len(expanded) == len(direct) == len(data.sites)
     for row in data.sites.itertuples(index=False):
-        assert np.array_equal(expanded.read(row.id_code, row.site), direct.read(row.id_code, row.site))
+        site = (row.id_code, row.site)
+        assert np.array_equal(expanded.read(*site), direct.read(*site))
     only_train = open_cache(expand_cache([caches["train"]], data, tmp_path / "t", 16, workers=1,
                                          progress=False), data, 16)
     assert only_train.split == "train" and len(only_train) == (data.sites["split"] == "train").sum()

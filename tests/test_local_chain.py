@@ -75,9 +75,10 @@ def test_three_stage_local_chain_matches_an_uninterrupted_run(tmp_path, tiny_dat
     assert inputs("cache-train") == inputs("cache-test") == bundle_and_data
     train_cache = "notebooks/local/rcic-local-cache-train"
     assert inputs("stage-01") == bundle_and_data + ["notebooks/local", train_cache]
+    test_cache = "notebooks/local/rcic-local-cache-test"
     for kernel, previous, cache in (("stage-02", "stage-01", train_cache),
                                     ("stage-03", "stage-02", train_cache),
-                                    ("submit", "stage-03", "notebooks/local/rcic-local-cache-test")):
+                                    ("submit", "stage-03", test_cache)):
         assert inputs(kernel) == bundle_and_data + [
             "notebooks/local", *sorted([cache, f"notebooks/local/rcic-local-{previous}"])]
 
