@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from rcic.errors import UserError
+from rcic.errors import UserError, refuse_nonempty
 from rcic.kaggle import metadata
 
 DEFAULT_COMPETITION = "recursion-cellular-image-classification"
@@ -114,9 +114,7 @@ def render_chain(spec, out):
     """Write the chain's kernel folders into `out` (which must not hold anything yet)."""
     spec.validate()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output folder {out} exists and is not empty: choose a new --out "
-                        f"or delete it first")
+    refuse_nonempty(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
