@@ -234,7 +234,7 @@ def step_synth(ctx):
 
 def step_open(ctx):
     rows = {}
-    for kind in ("old", "new"):
+    for kind in ctx.open_kinds:
         for temp in ("cold", "warm"):
             if temp == "cold":
                 drop_caches()
@@ -243,8 +243,9 @@ def step_open(ctx):
                 r.update(child_json(r["output"]))
             rows[f"{kind} {temp}"] = r
     for temp in ("cold", "warm"):
-        old, new = rows[f"old {temp}"], rows[f"new {temp}"]
-        rows[f"new {temp}"]["speedup_vs_old"] = round(old["wall_s"] / new["wall_s"], 1)
+        if f"old {temp}" in rows and f"new {temp}" in rows:
+            old, new = rows[f"old {temp}"], rows[f"new {temp}"]
+            new["speedup_vs_old"] = round(old["wall_s"] / new["wall_s"], 1)
     return rows
 
 
@@ -308,8 +309,9 @@ def step_pixels(ctx):
 
 
 class Context:
-    def __init__(self, work, scale, workers):
+    def __init__(self, work, scale, workers, open_kinds):
         self.scale, self.fraction, self.workers = scale, SCALES[scale], workers
+        self.open_kinds = open_kinds
         self.dir = Path(work) / scale.replace("/", "_")
         self.data, self.cache = self.dir / "data", self.dir / "cache"
         self.stage, self.submission = self.dir / "stage", self.dir / "predict" / "submission.csv"
@@ -323,6 +325,8 @@ def main():
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--stage-cold", action="store_true",
                    help="drop the page cache before the stage too (needs root)")
+    p.add_argument("--open", default="old,new",
+                   help="which opens to time: old (every header, the baseline), new, or both")
     p.add_argument("--clean", action="store_true", help="delete each scale's folder after it")
     p.add_argument("--_open", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--_plates", help=argparse.SUPPRESS)
@@ -342,7 +346,7 @@ def main():
         p.error(f"unknown step or scale {sorted(unknown)}: steps {STEPS}, scales {list(SCALES)}")
     load = os.getloadavg()[0]
     for scale in args.scales.split(","):
-        ctx = Context(work, scale, args.workers)
+        ctx = Context(work, scale, args.workers, args.open.split(","))
         ctx.dir.mkdir(parents=True, exist_ok=True)
         for step in STEPS:
             if step not in steps:
@@ -350,7 +354,8 @@ def main():
             print(f"bench_scale: {scale} {step} ...", file=sys.stderr, flush=True)
             fn = globals()[f"step_{step}"]
             result = fn(ctx, cold=args.stage_cold) if step == "stage" else fn(ctx)
-            rows = result if step == "open" else {"": result}
+            rows = (result if step == "open" else
+                    {"cold" if step == "stage" and args.stage_cold else "": result})
             with open(work / "results.jsonl", "a") as f:
                 for variant, r in rows.items():
                     r.pop("output", None)
