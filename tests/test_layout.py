@@ -179,3 +179,17 @@ def test_large_folders_sample_headers_and_a_broken_file_is_named_when_read(data_
     folder, name = sample[5]
     (data_copy / folder / name).write_text("hello")
     bad(data_copy, f"{folder}/{name} is not a PNG file")
+
+
+def test_pixel_stats_header_checked_at_open_body_when_statistics_are_needed(data_copy):
+    path = data_copy / "pixel_stats.csv"
+    good = path.read_text()
+    path.write_text(good.replace(",median,", ",medium,", 1))
+    bad(data_copy, "pixel_stats.csv lacks column(s) median", "unexpected column(s) medium")
+    lines = good.splitlines()
+    fields = lines[5].split(",")
+    fields[6] = "n/a?"                                      # its mean
+    path.write_text("\n".join(lines[:5] + [",".join(fields)] + lines[6:]) + "\n")
+    data = RxRx1(data_copy)                                 # the body is not read at open
+    with pytest.raises(UserError, match=f"{path} cannot be read .*data.normalization=image"):
+        data.channel_stats("experiment")

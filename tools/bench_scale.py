@@ -225,11 +225,20 @@ def child_json(output):
 
 # -- the steps ---------------------------------------------------------------------------------
 def step_synth(ctx):
-    shutil.rmtree(ctx.data, ignore_errors=True)
-    r = run_step([str(BIN / "rcic-synth"), "--preset", "rxrx1", "--fraction", str(ctx.fraction),
-                  "--size", "32", "--out", str(ctx.data), "--workers", str(ctx.workers)])
-    r["bytes"] = du(ctx.data)
-    return r
+    """rcic-synth with the given workers; with ctx.synth_baseline also with one worker first
+    (the same files: the baseline of the parallel writing), into a folder deleted after."""
+    rows = {}
+    runs = [("1 worker", ctx.dir / "data-1-worker", 1)] if ctx.synth_baseline else []
+    for label, out, workers in runs + [(f"{ctx.workers} workers", ctx.data, ctx.workers)]:
+        shutil.rmtree(out, ignore_errors=True)
+        r = run_step([str(BIN / "rcic-synth"), "--preset", "rxrx1", "--fraction",
+                      str(ctx.fraction), "--size", "32", "--out", str(out),
+                      "--workers", str(workers)])
+        r["bytes"] = du(out)
+        rows[label] = r
+        if out != ctx.data:
+            shutil.rmtree(out, ignore_errors=True)
+    return rows
 
 
 def step_open(ctx):
@@ -325,6 +334,8 @@ def main():
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--stage-cold", action="store_true",
                    help="drop the page cache before the stage too (needs root)")
+    p.add_argument("--synth-baseline", action="store_true",
+                   help="also time rcic-synth with one worker (the baseline of --workers)")
     p.add_argument("--open", default="old,new",
                    help="which opens to time: old (every header, the baseline), new, or both")
     p.add_argument("--clean", action="store_true", help="delete each scale's folder after it")
@@ -347,6 +358,7 @@ def main():
     load = os.getloadavg()[0]
     for scale in args.scales.split(","):
         ctx = Context(work, scale, args.workers, args.open.split(","))
+        ctx.synth_baseline = args.synth_baseline
         ctx.dir.mkdir(parents=True, exist_ok=True)
         for step in STEPS:
             if step not in steps:
@@ -354,12 +366,12 @@ def main():
             print(f"bench_scale: {scale} {step} ...", file=sys.stderr, flush=True)
             fn = globals()[f"step_{step}"]
             result = fn(ctx, cold=args.stage_cold) if step == "stage" else fn(ctx)
-            rows = (result if step == "open" else
-                    {"cold" if step == "stage" and args.stage_cold else "": result})
+            rows = ({f"{step} {k}": v for k, v in result.items()} if step in ("open", "synth") else
+                    {"stage cold" if step == "stage" and args.stage_cold else step: result})
             with open(work / "results.jsonl", "a") as f:
                 for variant, r in rows.items():
                     r.pop("output", None)
-                    record = {"scale": scale, "step": f"{step} {variant}".strip(),
+                    record = {"scale": scale, "step": variant or step,
                               "load_before": round(load, 1), "time": time.strftime("%H:%M:%S"),
                               **r}
                     f.write(json.dumps(record) + "\n")

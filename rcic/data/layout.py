@@ -27,6 +27,9 @@ SCHEMAS = {
     "sample_submission.csv": ["id_code", "sirna"],
 }
 OPTIONAL_FILES = {"pixel_stats.csv"}
+# Read only up to its header when the folder is opened: 750,000 rows at full size, and only
+# per-experiment or per-plate normalisation needs their body (read then, in part).
+BODY_WHEN_NEEDED = {"pixel_stats.csv": ["experiment", "plate", "channel", "mean", "std"]}
 ANSWER_KEY = "test_answers.csv"   # id_code,sirna: written by rcic-synth only, to score local runs
 
 N_TREATMENTS = 1108               # siRNA 0..1107 are the scored classes
@@ -143,7 +146,7 @@ class RxRx1:
                 problems.add(f"{name} is missing")
             return None
         try:
-            df = pd.read_csv(path)
+            df = pd.read_csv(path, nrows=0 if name in BODY_WHEN_NEEDED else None)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
             problems.add(f"{name} cannot be parsed ({str(err).splitlines()[0]})")
             return None
@@ -178,7 +181,7 @@ class RxRx1:
         dup = wells[wells["id_code"].duplicated()]["id_code"]
         if len(dup):
             problems.add(f"{len(dup)} duplicated id_code(s), e.g. {dup.iloc[0]}")
-        bad_exp = sorted(set(e for e in wells["experiment"] if not EXPERIMENT_RE.match(e)))
+        bad_exp = sorted(e for e in wells["experiment"].unique() if not EXPERIMENT_RE.match(e))
         if bad_exp:
             problems.add(f"unknown experiment name(s) {', '.join(bad_exp[:3])} "
                          f"(expected CELLTYPE-NN, e.g. HUVEC-01)")
@@ -288,7 +291,8 @@ class RxRx1:
         for (split, experiment, plate), part in self.sites.groupby(
                 ["split", "experiment", "plate"], sort=False):
             names = files.setdefault(f"{split}/{experiment}/Plate{plate}", [])
-            names += [f"{well}_s{site}_w{c}.png" for well, site in zip(part["well"], part["site"])
+            names += [f"{well}_s{site}_w{c}.png"
+                      for well, site in zip(part["well"].tolist(), part["site"].tolist())
                       for c in range(1, CHANNELS + 1)]
         return files
 
@@ -340,17 +344,29 @@ class RxRx1:
         sirna = np.asarray(sirna)
         return np.where(sirna >= FIRST_CONTROL, self.n_treatments + sirna - FIRST_CONTROL, sirna)
 
+    def _pixel_stats_body(self):
+        """The columns of pixel_stats.csv that statistics need, read on first use."""
+        if getattr(self, "_pixel_stats", None) is None:
+            path = self.root / "pixel_stats.csv"
+            try:
+                self._pixel_stats = pd.read_csv(path, usecols=BODY_WHEN_NEEDED[path.name],
+                                                dtype={"plate": int, "channel": int,
+                                                       "mean": float, "std": float})
+            except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
+                raise UserError(f"{path} cannot be read ({str(err).splitlines()[0]}): restore "
+                                f"the file or set data.normalization=image") from None
+        return self._pixel_stats.copy()
+
     def channel_stats(self, by):
         """Per-group channel mean and std (each (6,) float32) from pixel_stats.csv.
 
         `by` is 'experiment' or 'plate' (key experiment_plate). Pooled over sites exactly:
         var = E[std^2 + mean^2] - E[mean]^2.
         """
-        stats = self.tables.get("pixel_stats.csv")
-        if stats is None:
+        if self.tables.get("pixel_stats.csv") is None:
             raise UserError(f"{self.root / 'pixel_stats.csv'} is missing, and normalization "
                             f"'{by}' needs it: restore the file or set data.normalization=image")
-        stats = stats.copy()
+        stats = self._pixel_stats_body()
         stats["key"] = (stats["experiment"] if by == "experiment"
                         else stats["experiment"] + "_" + stats["plate"].astype(str))
         stats["sq"] = stats["std"] ** 2 + stats["mean"] ** 2
