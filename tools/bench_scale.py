@@ -66,6 +66,21 @@ def _children():
     return tree
 
 
+def _tree_cpu(root):
+    """CPU seconds used so far by `root` and its descendants (those alive or reaped by them)."""
+    tree, total, todo = _children(), 0, [root]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        pid = todo.pop()
+        todo += tree.get(pid, [])
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15]) / tick   # utime stime cutime cstime
+    return total
+
+
 def _tree_pss(root):
     """Sum of PSS (bytes) of `root` and its descendants."""
     tree, total, todo = _children(), 0, [root]
@@ -85,7 +100,8 @@ def _tree_pss(root):
 def run_step(cmd, on_output=None):
     """Run `cmd`; -> wall and CPU seconds, peak tree PSS, largest single max RSS, exit code.
 
-    `on_output(t, text)` sees stdout+stderr chunks as they arrive (t: seconds since start)."""
+    `on_output(t, text, pid)` sees stdout+stderr chunks as they arrive (t: seconds since
+    start, pid: the process's)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     chunks = []
@@ -95,7 +111,7 @@ def run_step(cmd, on_output=None):
             text = chunk.decode(errors="replace")
             chunks.append(text)
             if on_output:
-                on_output(time.perf_counter() - start, text)
+                on_output(time.perf_counter() - start, text, proc.pid)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -270,9 +286,11 @@ def step_stage(ctx, cold=False):
     shutil.rmtree(ctx.stage, ignore_errors=True)
     marks = {}
 
-    def watch(t, text):
+    def watch(t, text, pid):
         if "first_step_s" not in marks and re.search(r"\|\s*1/\d+", text):
             marks["first_step_s"] = round(t, 2)
+            # On a shared machine the wall clock counts other jobs' time; CPU does not.
+            marks["first_step_cpu_s"] = round(_tree_cpu(pid), 1)
         if "val_done_s" not in marks and "val_loss" in text:
             marks["val_done_s"] = round(t, 2)
 

@@ -125,6 +125,7 @@ class RxRx1:
         tables = {name: self._read_csv(name, problems) for name in SCHEMAS}
         problems.raise_if_any("Fix the CSV files named above (schemas: see FACTS in the README).")
         self.tables = tables
+        self._channel_stats = {}          # by -> {key: (mean, std)}, filled on first use
         self.wells = self._build_wells(tables, problems)
         problems.raise_if_any("Fix or restore the CSV rows named above.")
         self.answers = self._read_answers()
@@ -345,24 +346,24 @@ class RxRx1:
         return np.where(sirna >= FIRST_CONTROL, self.n_treatments + sirna - FIRST_CONTROL, sirna)
 
     def _pixel_stats_body(self):
-        """The columns of pixel_stats.csv that statistics need, read on first use."""
-        if getattr(self, "_pixel_stats", None) is None:
-            path = self.root / "pixel_stats.csv"
-            try:
-                self._pixel_stats = pd.read_csv(path, usecols=BODY_WHEN_NEEDED[path.name],
-                                                dtype={"plate": int, "channel": int,
-                                                       "mean": float, "std": float})
-            except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
-                raise UserError(f"{path} cannot be read ({str(err).splitlines()[0]}): restore "
-                                f"the file or set data.normalization=image") from None
-        return self._pixel_stats.copy()
+        """The columns of pixel_stats.csv that statistics need."""
+        path = self.root / "pixel_stats.csv"
+        try:
+            return pd.read_csv(path, usecols=BODY_WHEN_NEEDED[path.name],
+                               dtype={"plate": int, "channel": int, "mean": float, "std": float})
+        except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
+            raise UserError(f"{path} cannot be read ({str(err).splitlines()[0]}): restore "
+                            f"the file or set data.normalization=image") from None
 
     def channel_stats(self, by):
         """Per-group channel mean and std (each (6,) float32) from pixel_stats.csv.
 
         `by` is 'experiment' or 'plate' (key experiment_plate). Pooled over sites exactly:
-        var = E[std^2 + mean^2] - E[mean]^2.
+        var = E[std^2 + mean^2] - E[mean]^2. Computed once per `by`: the train and validation
+        sets of a stage both ask.
         """
+        if by in self._channel_stats:
+            return dict(self._channel_stats[by])
         if self.tables.get("pixel_stats.csv") is None:
             raise UserError(f"{self.root / 'pixel_stats.csv'} is missing, and normalization "
                             f"'{by}' needs it: restore the file or set data.normalization=image")
@@ -380,4 +381,5 @@ class RxRx1:
             mean = part["mean"].to_numpy(np.float64)
             std = np.sqrt(np.maximum(part["sq"].to_numpy(np.float64) - mean ** 2, 1e-6))
             out[key] = (mean.astype(np.float32), std.astype(np.float32))
-        return out
+        self._channel_stats[by] = out
+        return dict(out)
