@@ -146,3 +146,50 @@ def test_cli_reports_one_line_and_exit_2(tmp_path):
     result = subprocess.run(["rcic-synth", "--out", str(tmp_path / "y"), "--classes", "7"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "multiple of 4" in result.stderr
+
+
+def test_a_missing_plate_folder_is_one_problem(data_copy):
+    shutil.rmtree(data_copy / "train" / "RPE-02" / "Plate3")
+    bad(data_copy, "1 problem(s)", "train/RPE-02/Plate3 is missing (its ")
+
+
+def test_large_folders_sample_headers_and_a_broken_file_is_named_when_read(data_copy,
+                                                                            monkeypatch):
+    """Above HEADER_SAMPLE images only a spread of headers is read at open; every missing file
+    is still found (from the folder listings), and a broken file outside the sample fails
+    when it is read, naming the file."""
+    from rcic.data.images import decode_site
+    monkeypatch.setattr(layout, "HEADER_SAMPLE", 60)
+    data = RxRx1(data_copy)
+    expected = data._expected_files()
+    sample = layout.header_sample(expected, 60)
+    assert 60 <= len(sample) <= 60 + len(expected)
+    assert {folder for folder, _ in sample} == set(expected)          # every plate folder
+    assert {name[-6:-4] for _, name in sample} == {f"w{c}" for c in range(1, 7)}
+    sampled = {f"{folder}/{name}" for folder, name in sample}
+    rows = list(data.sites.itertuples(index=False))
+    row = next(r for r in rows if str(data.paths(r)[2].relative_to(data_copy)) not in sampled)
+    broken = data.paths(row)[2]
+    broken.write_bytes(b"")
+    assert RxRx1(data_copy).image_size == (16, 16)       # opens: the file is outside the sample
+    with pytest.raises(UserError, match=f"cannot decode image {broken}"):
+        decode_site(data.paths(row), 16)
+    broken.unlink()
+    bad(data_copy, f"{broken.relative_to(data_copy)} is missing")
+    folder, name = sample[5]
+    (data_copy / folder / name).write_text("hello")
+    bad(data_copy, f"{folder}/{name} is not a PNG file")
+
+
+def test_pixel_stats_header_checked_at_open_body_when_statistics_are_needed(data_copy):
+    path = data_copy / "pixel_stats.csv"
+    good = path.read_text()
+    path.write_text(good.replace(",median,", ",medium,", 1))
+    bad(data_copy, "pixel_stats.csv lacks column(s) median", "unexpected column(s) medium")
+    lines = good.splitlines()
+    fields = lines[5].split(",")
+    fields[6] = "n/a?"                                      # its mean
+    path.write_text("\n".join(lines[:5] + [",".join(fields)] + lines[6:]) + "\n")
+    data = RxRx1(data_copy)                                 # the body is not read at open
+    with pytest.raises(UserError, match=f"{path} cannot be read .*data.normalization=image"):
+        data.channel_stats("experiment")
