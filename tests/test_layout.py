@@ -193,3 +193,29 @@ def test_pixel_stats_header_checked_at_open_body_when_statistics_are_needed(data
     data = RxRx1(data_copy)                                 # the body is not read at open
     with pytest.raises(UserError, match=f"{path} cannot be read .*data.normalization=image"):
         data.channel_stats("experiment")
+
+
+def test_an_odd_sized_image_outside_the_header_sample_is_refused_when_read(data_copy,
+                                                                          monkeypatch):
+    """The open reads a sample of headers only: an image of another size that it missed is
+    refused, naming the file, when a dataset reads it, instead of being silently resized."""
+    import cv2
+    import numpy as np
+
+    from rcic.config import Recipe
+    from rcic.data.dataset import site_reader
+    monkeypatch.setattr(layout, "HEADER_SAMPLE", 60)
+    data = RxRx1(data_copy)
+    sampled = {f"{folder}/{name}" for folder, name in
+               layout.header_sample(data._expected_files(), 60)}
+    row = next(r for r in data.sites.itertuples(index=False)
+               if str(data.paths(r)[4].relative_to(data_copy)) not in sampled)
+    odd = data.paths(row)[4]
+    cv2.imwrite(str(odd), np.zeros((24, 24), np.uint8))
+    data = RxRx1(data_copy)
+    assert data.image_size == (16, 16)                   # opens: the file is outside the sample
+    recipe = Recipe()
+    recipe.data.image_size = 8
+    read = site_reader(data, recipe)
+    with pytest.raises(UserError, match=f"image {odd} is 24x24, the folder's others 16x16"):
+        read(row)

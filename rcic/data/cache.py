@@ -119,12 +119,13 @@ def decode(fmt, buf, size):
 
 # -- building ---------------------------------------------------------------------------------
 _source = None   # in a build worker: the SiteCache the sites are copied from, or None: PNGs
+_native = None   # in a build worker: the folder's (height, width), so an odd PNG is refused
 
 
-def start_worker(source):
+def start_worker(source, native=None):
     # Handed over once per worker, not once per plate: its index holds every site.
-    global _source
-    _source = source
+    global _source, _native
+    _source, _native = source, native
 
 
 def build_chunk(folder, name, fmt, size, sites):
@@ -144,7 +145,7 @@ def build_chunk(folder, name, fmt, size, sites):
                 "descr": "|u1", "fortran_order": False,
                 "shape": (len(sites), layout.CHANNELS, size, size)})
         for id_code, site, paths in sites:
-            pixels = _source.read(id_code, site) if _source else decode_site(paths, size)
+            pixels = _source.read(id_code, site) if _source else decode_site(paths, size, _native)
             start = f.tell()
             f.write(encode(fmt, pixels))
             ranges.append([start, f.tell()])
@@ -248,7 +249,7 @@ def build_cache(data, out, size, workers=None, progress=True, format="raw", sour
     with progress_bar(len(all_sites), done_sites, unit="site", disable=not progress,
                       desc=f"rcic-cache {size}px {format}") as bar, \
             ProcessPoolExecutor(max_workers=workers or os.cpu_count(), initializer=start_worker,
-                                initargs=(source,)) as pool:
+                                initargs=(source, tuple(native))) as pool:
         jobs = {pool.submit(build_chunk, str(out), name, format, size,
                             [(sites[i].id_code, int(sites[i].site),
                               [str(p) for p in data.paths(sites[i])]) for i in plan[name]]): name

@@ -30,7 +30,7 @@ def site_reader(data, recipe, verify=True):
         from rcic.data.cache import open_cache   # only runs that use a cache need it
         cache = open_cache(recipe.data.cache, data, size, verify=verify)
         return lambda row: cache.read(row.id_code, row.site)
-    return lambda row: decode_site(data.paths(row), size)
+    return lambda row: decode_site(data.paths(row), size, data.image_size)
 
 
 def build_augment(name):

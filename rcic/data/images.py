@@ -30,6 +30,15 @@ def resize(img, size):
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def decode_site(paths, size):
-    """Six channel PNGs -> uint8 (6, size, size)."""
-    return np.stack([resize(decode_png(p), size) for p in paths])
+def decode_site(paths, size, native=None):
+    """Six channel PNGs -> uint8 (6, size, size). `native` (height, width), when known, is the
+    folder's common image size: the open samples headers only, so an odd image outside the
+    sample is refused here, when it is read, instead of being silently resized."""
+    return np.stack([resize(checked(decode_png(p), p, native), size) for p in paths])
+
+
+def checked(img, path, native):
+    if native is not None and tuple(img.shape) != tuple(native):
+        raise UserError(f"image {path} is {img.shape[1]}x{img.shape[0]}, the folder's others "
+                        f"{native[1]}x{native[0]}: restore it from the competition download")
+    return img

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from rcic.data import layout
-from rcic.errors import UserError
+from rcic.errors import UserError, refuse_nonempty
 
 CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")
 DONE_MARKER = "SYNTH_DONE.json"
@@ -233,9 +233,7 @@ def generate(out, spec=None, progress=None, workers=1):
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output folder {out} exists and is not empty: choose a new --out "
-                        f"or delete it first")
+    refuse_nonempty(out)
     # A private temporary name: two processes may generate the embedded data at once.
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
