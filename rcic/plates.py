@@ -8,6 +8,7 @@ assignment on log-probabilities, solved exactly by scipy).
 
 Nothing here is specific to 1,108 classes: groups are read off the train plates.
 """
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from rcic.errors import UserError
 
 N_GROUPS = 4
 MODES = ("assign", "mask", "off")
+log = logging.getLogger("rcic")
 
 
 @dataclass
@@ -32,7 +34,10 @@ class PlateStructure:
 
     @classmethod
     def learn(cls, wells, n_treatments):
-        """Read the groups and their rotation order off the train treatment wells."""
+        """Read the groups and their rotation order off the train treatment wells.
+
+        siRNAs that never occur in train (a run on a subset of siRNAs or experiments) are in
+        no group: the model never learnt them, so no plate step can predict them."""
         train = wells[(wells["split"] == "train") & (wells["well_type"] == "treatment")]
         plate_ids, plates = pd.factorize(pd.MultiIndex.from_frame(train[["experiment", "plate"]]))
         sirna = train["sirna"].to_numpy()
@@ -41,13 +46,18 @@ class PlateStructure:
         n = n_treatments + len(plates)
         graph = coo_matrix((np.ones(len(train)), (sirna, n_treatments + plate_ids)), shape=(n, n))
         _, component = connected_components(graph, directed=False)
-        unseen = sorted(set(range(n_treatments)) - set(sirna.tolist()))
-        labels = sorted(set(component[:n_treatments]))
-        if unseen or len(labels) != N_GROUPS:
-            reason = (f"siRNA {unseen[0]} never occurs on a train plate" if unseen else
-                      f"train plates form {len(labels)} siRNA group(s), not {N_GROUPS}")
-            raise UserError(f"cannot learn the plate structure from train.csv: {reason}; "
-                            f"predict with --plates off")
+        seen = np.zeros(n_treatments, bool)
+        seen[sirna] = True
+        if not seen.all():
+            log.warning("%d of the %d siRNA ids never occur in train.csv: the plate step leaves "
+                        "them out (a model cannot predict what it never saw)",
+                        n_treatments - int(seen.sum()), n_treatments)
+        component[:n_treatments][~seen] = -1          # an unseen siRNA is in no group
+        labels = sorted(set(component[:n_treatments][seen]))
+        if len(labels) != N_GROUPS:
+            raise UserError(f"cannot learn the plate structure from train.csv: train plates "
+                            f"form {len(labels)} siRNA group(s), not {N_GROUPS}; predict with "
+                            f"--plates off")
         table = pd.Series(component[n_treatments:], index=plates).unstack()   # experiment x plate
         order, rotations = _rotation_order(table)
         if order is None:    # no complete experiment, or not one cyclic order: plates alone
