@@ -65,9 +65,9 @@ class PlateStructure:
         groups = [np.flatnonzero(component[:n_treatments] == g) for g in order]
         return cls(groups, cyclic=bool(rotations), train_rotations=rotations)
 
-    def membership(self, n_treatments):
+    def membership(self, n_treatments, dtype=np.float64):
         """(n_treatments, 4) 0/1 matrix: siRNA s is in group g."""
-        m = np.zeros((n_treatments, N_GROUPS))
+        m = np.zeros((n_treatments, N_GROUPS), dtype)
         for g, members in enumerate(self.groups):
             m[members, g] = 1.0
         return m
@@ -80,7 +80,8 @@ class PlateStructure:
         a cyclic structure one rotation per experiment is chosen from all its plates jointly:
         4 plates agree on 1 of 4 rotations, far more robust than 4 separate votes.
         """
-        mass = probs @ self.membership(probs.shape[1])                 # (wells, 4)
+        # in the dtype of probs: a float64 matrix would make numpy copy all of probs first
+        mass = probs @ self.membership(probs.shape[1], probs.dtype)   # (wells, 4)
         key = pd.MultiIndex.from_arrays([wells["experiment"].to_numpy(),
                                          wells["plate"].to_numpy()])
         plate_mass = pd.DataFrame(mass, index=key).groupby(level=[0, 1]).sum()

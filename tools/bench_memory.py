@@ -1,0 +1,143 @@
+"""Peak memory of rcic's commands, this checkout against a baseline revision, in one run.
+
+    python tools/bench_memory.py --data FOLDER --work DIR [--baseline REV] [--tta 8] [--workers 2]
+
+FOLDER: an RxRx1-layout folder, e.g. written by
+    rcic-synth --out FOLDER --classes 1108 --controls 30 --size 32 --experiments 2 --test-experiments 2
+Steps, each a fresh process, run once with the package of --baseline (exported with
+`git archive` into DIR and put first on PYTHONPATH) and once with this checkout:
+  stage    rcic-stage --steps 1 (tiny model, data.image_size 32, --workers loader processes)
+  pseudo   the same with pseudo-labels from epoch 0: one refresh predicts every test site
+  predict  rcic-predict --tta N --plates assign with the weights the first stage wrote
+Memory is the peak, sampled every 0.1 s, of the summed PSS of the command and every process it
+started (forked loader workers' shared pages counted once), minus nothing: the whole command.
+Prints a JSON line per step and variant, then a table with the ratios baseline / now.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MAINS = {"stage": "rcic.cli.stage", "predict": "rcic.cli.predict"}
+
+
+def tree(root):
+    """Pids of `root` and all its descendants, now."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo += children.get(pid, [])
+    return pids
+
+
+def tree_pss(root):
+    """Summed proportional set size of a process tree, in bytes."""
+    total = 0
+    for pid in tree(root):
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            pass
+    return total
+
+
+def measure(cmd, env, cwd):
+    """Run `cmd`; -> wall seconds, peak tree PSS (MB), exit code, output tail."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    output = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    reader.start()
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_pss(proc.pid))
+        time.sleep(0.1)
+    reader.join()
+    return {"seconds": round(time.perf_counter() - start, 1), "peak_mb": round(peak / 2**20),
+            "rc": proc.returncode, "tail": "".join(output)[-600:]}
+
+
+def export(revision, target):
+    """The rcic package as it was at `revision`, under target/rcic."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "rcic"],
+                             check=True, capture_output=True).stdout
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+def command(step, args, out):
+    main = MAINS["predict" if step == "predict" else "stage"]
+    call = [sys.executable, "-c", f"import sys; from {main} import main; sys.exit(main())"]
+    sets = ["data.image_size=32", f"data.num_workers={args.workers}", "data.batch_size=64"]
+    if step == "predict":
+        return call + ["--data", args.data, "--checkpoint", str(args.work / "weights"),
+                       "--out", str(out / "submission.csv"), "--tta", str(args.tta),
+                       "--device", "cpu", "--workers", str(args.workers)]
+    if step == "pseudo":
+        sets += ["pseudo.enabled=true", "pseudo.start_epoch=0", "pseudo.fraction_per_epoch=0.5"]
+    return call + ["--data", args.data, "--out", str(out), "--budget", "1h", "--quiet",
+                   "--resume-from", "--steps", "1", "--set", *sets]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--work", required=True, type=Path, help="scratch folder (outputs, baseline)")
+    p.add_argument("--baseline", help="git revision to compare with (default: none)")
+    p.add_argument("--steps", default="stage,pseudo,predict")
+    p.add_argument("--tta", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    variants = {"now": REPO}
+    if args.baseline:
+        variants = {"baseline": export(args.baseline, args.work / "baseline"), **variants}
+    if not (args.work / "weights" / "weights.pt").is_file():    # the weights predict uses
+        made = measure(command("stage", args, args.work / "weights"), env, args.work)
+        if made["rc"]:
+            raise SystemExit(f"stage for the weights failed: {made['tail']}")
+    results = {}
+    for step in args.steps.split(","):
+        for name, root in variants.items():
+            out = args.work / f"{step}-{name}"
+            result = measure(command(step, args, out), dict(env, PYTHONPATH=str(root)),
+                             args.work)
+            results[(step, name)] = result
+            print(json.dumps({"step": step, "variant": name,
+                              **{k: v for k, v in result.items() if k != "tail" or v and result["rc"]}}),
+                  flush=True)
+    print("\n| step | " + " | ".join(f"{v} peak MB | {v} s" for v in variants) +
+          (" | ratio (peak) |" if args.baseline else ""))
+    for step in args.steps.split(","):
+        row = [f"{results[(step, v)]['peak_mb']} | {results[(step, v)]['seconds']}"
+               for v in variants]
+        ratio = (f" | {results[(step, 'baseline')]['peak_mb'] / results[(step, 'now')]['peak_mb']:.2f}x"
+                 if args.baseline else "")
+        print(f"| {step} | " + " | ".join(row) + ratio + " |")
+
+
+if __name__ == "__main__":
+    main()
