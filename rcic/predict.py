@@ -150,13 +150,19 @@ def well_probabilities(sites, site_probs, id_codes):
 
 
 class Ensemble:
-    """Accumulates well probabilities per family (specialist / generalist), then combines."""
+    """Accumulates well probabilities per family (specialist / generalist), then combines.
+
+    float32 and in place: at full size a (wells x classes) array is 88 MB, so the ensemble
+    holds one per family that has members, and combining them makes no further copy."""
 
     def __init__(self, n_wells, n_classes):
-        self.sums = {f: np.zeros((n_wells, n_classes), np.float64) for f in FAMILIES}
-        self.counts = {f: np.zeros(n_wells) for f in FAMILIES}
+        self.shape = (n_wells, n_classes)
+        self.sums = {}                # family -> sum of its members' probabilities
+        self.counts = {f: np.zeros(n_wells, np.int32) for f in FAMILIES}
 
     def add(self, family, rows, probs):
+        if family not in self.sums:
+            self.sums[family] = np.zeros(self.shape, np.float32)
         self.sums[family][rows] += probs
         self.counts[family][rows] += 1
 
@@ -164,14 +170,15 @@ class Ensemble:
         return sum(self.counts.values()) > 0
 
     def probabilities(self):
-        """Per well: the mean over families that cover it of each family's mean."""
-        total, families = 0, 0
-        for f in FAMILIES:
-            has = self.counts[f] > 0
-            mean = np.divide(self.sums[f], self.counts[f][:, None], where=has[:, None],
-                             out=np.zeros_like(self.sums[f]))
-            total, families = total + mean, families + has
-        return total / np.maximum(families, 1)[:, None]
+        """Per well: the mean over families that cover it of each family's mean. Call it once,
+        after the last `add`: the sums become the result."""
+        out, families = None, np.zeros(self.shape[0], np.float32)
+        for f, total in self.sums.items():
+            total /= np.maximum(self.counts[f], 1).astype(np.float32)[:, None]   # 0 where none
+            out = total if out is None else np.add(out, total, out=out)
+            families += self.counts[f] > 0
+        out /= np.maximum(families, 1)[:, None]
+        return out
 
 
 def predict(data, checkpoints, out, views, plates="assign", batch_size=64,
