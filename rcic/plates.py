@@ -139,13 +139,14 @@ def plate_step(mode, wells, probs, structure):
     if mode == "off":
         return probs.argmax(axis=1)
     group = structure.infer_groups(wells, probs)
-    log_probs = np.log(np.clip(probs, 1e-45, None))
     pred = np.empty(len(probs), int)
     for _, rows in pd.Series(np.arange(len(probs))).groupby(plate_key(wells).to_numpy()):
         rows = rows.to_numpy()
         members = structure.groups[group[rows[0]]]
+        # one plate's log-probabilities at a time: no second (wells x classes) array
+        log_probs = np.log(np.clip(probs[rows], 1e-45, None))
         if mode == "mask":
-            pred[rows] = members[log_probs[np.ix_(rows, members)].argmax(axis=1)]
+            pred[rows] = members[log_probs[:, members].argmax(axis=1)]
         else:
-            pred[rows] = assign_plate(log_probs[rows], members)
+            pred[rows] = assign_plate(log_probs, members)
     return pred
