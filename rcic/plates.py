@@ -14,9 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import linear_sum_assignment
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from rcic.data.layout import plate_key
 from rcic.errors import UserError
@@ -40,6 +37,10 @@ class PlateStructure:
 
         siRNAs that never occur in train (a run on a subset of siRNAs or experiments) are in
         no group: the model never learnt them, so no plate step can predict them."""
+        # scipy is imported where it is used: a stage without pseudo-labels never needs it
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
         train = wells[(wells["split"] == "train") & (wells["well_type"] == "treatment")]
         plate_ids, plates = pd.factorize(pd.MultiIndex.from_frame(train[["experiment", "plate"]]))
         sirna = train["sirna"].to_numpy()
@@ -122,6 +123,8 @@ def _rotation_order(table):
 def assign_plate(log_probs, members):
     """Best siRNA of `members` per well, each used at most once (or evenly when wells outnumber
     them): a rectangular linear assignment maximising the summed log-probability."""
+    from scipy.optimize import linear_sum_assignment
+
     n_wells, k = log_probs.shape[0], len(members)
     repeats = -(-n_wells // k)                  # ceil: a 278th well must still get a class
     cost = -np.tile(log_probs[:, members], (1, repeats))

@@ -9,6 +9,9 @@ Steps, each a fresh process, run once with the package of --baseline (exported w
   stage    rcic-stage --steps 1 (tiny model, data.image_size 32, --workers loader processes)
   pseudo   the same with pseudo-labels from epoch 0: one refresh predicts every test site
   predict  rcic-predict --tta N --plates assign with the weights the first stage wrote
+  import-stage, import-predict   `import rcic.stage` / `import rcic.predict` alone: the
+           imports every stage / prediction pays before it reads anything (--repeat times,
+           the variants interleaved; the median is reported)
 Memory is the peak, sampled every 0.1 s, of the summed PSS of the command and every process it
 started (forked loader workers' shared pages counted once), minus nothing: the whole command.
 Prints a JSON line per step and variant, then a table with the ratios baseline / now.
@@ -88,6 +91,8 @@ def export(revision, target):
 
 
 def command(step, args, out):
+    if step.startswith("import-"):
+        return [sys.executable, "-c", f"import rcic.{step.split('-', 1)[1]}"]
     main = MAINS["predict" if step == "predict" else "stage"]
     call = [sys.executable, "-c", f"import sys; from {main} import main; sys.exit(main())"]
     sets = ["data.image_size=32", f"data.num_workers={args.workers}", "data.batch_size=64"]
@@ -109,6 +114,7 @@ def main():
     p.add_argument("--steps", default="stage,pseudo,predict")
     p.add_argument("--tta", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=5, help="runs of each import-* step")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
@@ -121,22 +127,29 @@ def main():
             raise SystemExit(f"stage for the weights failed: {made['tail']}")
     results = {}
     for step in args.steps.split(","):
-        for name, root in variants.items():
-            out = args.work / f"{step}-{name}"
-            result = measure(command(step, args, out), dict(env, PYTHONPATH=str(root)),
-                             args.work)
-            results[(step, name)] = result
-            print(json.dumps({"step": step, "variant": name,
-                              **{k: v for k, v in result.items() if k != "tail" or v and result["rc"]}}),
-                  flush=True)
+        runs = {name: [] for name in variants}
+        for _ in range(args.repeat if step.startswith("import-") else 1):
+            for name, root in variants.items():
+                out = args.work / f"{step}-{name}"
+                result = measure(command(step, args, out), dict(env, PYTHONPATH=str(root)),
+                                 args.work)
+                runs[name].append(result)
+                print(json.dumps({"step": step, "variant": name, **{
+                    k: v for k, v in result.items() if k != "tail" or result["rc"]}}), flush=True)
+        for name, done in runs.items():
+            done.sort(key=lambda r: r["seconds"])
+            results[(step, name)] = done[len(done) // 2]          # the median run
     print("\n| step | " + " | ".join(f"{v} peak MB | {v} s" for v in variants) +
-          (" | ratio (peak) |" if args.baseline else ""))
+          (" | baseline / now, peak | baseline / now, s |" if args.baseline else " |"))
     for step in args.steps.split(","):
-        row = [f"{results[(step, v)]['peak_mb']} | {results[(step, v)]['seconds']}"
-               for v in variants]
-        ratio = (f" | {results[(step, 'baseline')]['peak_mb'] / results[(step, 'now')]['peak_mb']:.2f}x"
-                 if args.baseline else "")
-        print(f"| {step} | " + " | ".join(row) + ratio + " |")
+        now = results[(step, "now")]
+        row = " | ".join(f"{results[(step, v)]['peak_mb']} | {results[(step, v)]['seconds']}"
+                         for v in variants)
+        if args.baseline:
+            base = results[(step, "baseline")]
+            row += (f" | {base['peak_mb'] / max(now['peak_mb'], 1):.2f}x"
+                    f" | {base['seconds'] / max(now['seconds'], 0.1):.2f}x")
+        print(f"| {step} | {row} |")
 
 
 if __name__ == "__main__":

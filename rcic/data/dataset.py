@@ -13,7 +13,6 @@ One batch's path, in order:
 import random
 import signal
 
-import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -37,6 +36,8 @@ def build_augment(name):
     """6-channel augmentations; every one of these keeps uint8 and works on (H, W, 6)."""
     if name == "none":
         return None
+    # Imported here: its 1-2 s of imports are paid only by runs that augment, not by prediction.
+    import albumentations as A
     geometric = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=1.0)]
     if name == "light":
         return A.Compose(geometric)
