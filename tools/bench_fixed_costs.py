@@ -1,6 +1,7 @@
-"""Peak memory of rcic's commands, this checkout against a baseline revision, in one run.
+"""Peak memory and fixed costs of rcic's commands, this checkout against a baseline revision,
+in one run.
 
-    python tools/bench_memory.py --data FOLDER --work DIR [--baseline REV] [--tta 8] [--workers 2]
+    python tools/bench_fixed_costs.py --data FOLDER --work DIR [--baseline REV] [--tta 8] [--workers 2]
 
 FOLDER: an RxRx1-layout folder, e.g. written by
     rcic-synth --out FOLDER --classes 1108 --controls 30 --size 32 --experiments 2 --test-experiments 2
@@ -12,6 +13,9 @@ Steps, each a fresh process, run once with the package of --baseline (exported w
   import-stage, import-predict   `import rcic.stage` / `import rcic.predict` alone: the
            imports every stage / prediction pays before it reads anything (--repeat times,
            the variants interleaved; the median is reported)
+  sampler  building one epoch's plate batches (data.plate_batches) for 80,000 training sites
+           on 204 plates, the full size, as every epoch start does (seconds inside the process;
+           --repeat times, median)
 Memory is the peak, sampled every 0.1 s, of the summed PSS of the command and every process it
 started (forked loader workers' shared pages counted once), minus nothing: the whole command.
 Prints a JSON line per step and variant, then a table with the ratios baseline / now.
@@ -76,7 +80,11 @@ def measure(cmd, env, cwd):
         peak = max(peak, tree_pss(proc.pid))
         time.sleep(0.1)
     reader.join()
-    return {"seconds": round(time.perf_counter() - start, 1), "peak_mb": round(peak / 2**20),
+    seconds = time.perf_counter() - start
+    inner = [line for line in output if line.startswith("seconds:")]   # timed inside instead
+    if inner:
+        seconds = float(inner[-1].split()[1])
+    return {"seconds": round(seconds, 2), "peak_mb": round(peak / 2**20),
             "rc": proc.returncode, "tail": "".join(output)[-600:]}
 
 
@@ -90,7 +98,22 @@ def export(revision, target):
     return target
 
 
+SAMPLER = """
+import time
+import numpy as np
+from rcic.data.dataset import EpochBatchSampler
+plates = np.array([f"HUVEC-{e:02d}_{p}" for e in range(51) for p in range(1, 5)], dtype=object)
+groups = plates[np.random.default_rng(0).integers(0, len(plates), 80000)]
+start = time.perf_counter()
+EpochBatchSampler(len(groups), 64, seed=0, epoch=0, groups=groups)
+print("seconds:", time.perf_counter() - start)
+"""
+REPEATED = ("import-stage", "import-predict", "sampler")
+
+
 def command(step, args, out):
+    if step == "sampler":
+        return [sys.executable, "-c", SAMPLER]
     if step.startswith("import-"):
         return [sys.executable, "-c", f"import rcic.{step.split('-', 1)[1]}"]
     main = MAINS["predict" if step == "predict" else "stage"]
@@ -108,27 +131,27 @@ def command(step, args, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help="RxRx1 folder (stage, pseudo, predict)")
     p.add_argument("--work", required=True, type=Path, help="scratch folder (outputs, baseline)")
     p.add_argument("--baseline", help="git revision to compare with (default: none)")
     p.add_argument("--steps", default="stage,pseudo,predict")
     p.add_argument("--tta", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=5, help="runs of each import-* step")
+    p.add_argument("--repeat", type=int, default=5, help="runs of each import-* and sampler step")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     variants = {"now": REPO}
     if args.baseline:
         variants = {"baseline": export(args.baseline, args.work / "baseline"), **variants}
-    if not (args.work / "weights" / "weights.pt").is_file():    # the weights predict uses
+    if "predict" in args.steps.split(",") and not (args.work / "weights" / "weights.pt").is_file():
         made = measure(command("stage", args, args.work / "weights"), env, args.work)
         if made["rc"]:
             raise SystemExit(f"stage for the weights failed: {made['tail']}")
     results = {}
     for step in args.steps.split(","):
         runs = {name: [] for name in variants}
-        for _ in range(args.repeat if step.startswith("import-") else 1):
+        for _ in range(args.repeat if step in REPEATED else 1):
             for name, root in variants.items():
                 out = args.work / f"{step}-{name}"
                 result = measure(command(step, args, out), dict(env, PYTHONPATH=str(root)),
