@@ -9,19 +9,18 @@ assignment on log-probabilities, solved exactly by scipy).
 
 Nothing here is specific to 1,108 classes: groups are read off the train plates.
 """
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import linear_sum_assignment
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from rcic.data.layout import plate_key
 from rcic.errors import UserError
 
 N_GROUPS = 4
 MODES = ("assign", "mask", "off")
+log = logging.getLogger("rcic")
 
 
 @dataclass
@@ -34,7 +33,14 @@ class PlateStructure:
 
     @classmethod
     def learn(cls, wells, n_treatments):
-        """Read the groups and their rotation order off the train treatment wells."""
+        """Read the groups and their rotation order off the train treatment wells.
+
+        siRNAs that never occur in train (a run on a subset of siRNAs or experiments) are in
+        no group: the model never learnt them, so no plate step can predict them."""
+        # scipy is imported where it is used: a stage without pseudo-labels never needs it
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
         train = wells[(wells["split"] == "train") & (wells["well_type"] == "treatment")]
         plate_ids, plates = pd.factorize(pd.MultiIndex.from_frame(train[["experiment", "plate"]]))
         sirna = train["sirna"].to_numpy()
@@ -43,13 +49,18 @@ class PlateStructure:
         n = n_treatments + len(plates)
         graph = coo_matrix((np.ones(len(train)), (sirna, n_treatments + plate_ids)), shape=(n, n))
         _, component = connected_components(graph, directed=False)
-        unseen = sorted(set(range(n_treatments)) - set(sirna.tolist()))
-        labels = sorted(set(component[:n_treatments]))
-        if unseen or len(labels) != N_GROUPS:
-            reason = (f"siRNA {unseen[0]} never occurs on a train plate" if unseen else
-                      f"train plates form {len(labels)} siRNA group(s), not {N_GROUPS}")
-            raise UserError(f"cannot learn the plate structure from train.csv: {reason}; "
-                            f"predict with --plates off")
+        seen = np.zeros(n_treatments, bool)
+        seen[sirna] = True
+        if not seen.all():
+            log.warning("%d of the %d siRNA ids never occur in train.csv: the plate step leaves "
+                        "them out (a model cannot predict what it never saw)",
+                        n_treatments - int(seen.sum()), n_treatments)
+        component[:n_treatments][~seen] = -1          # an unseen siRNA is in no group
+        labels = sorted(set(component[:n_treatments][seen]))
+        if len(labels) != N_GROUPS:
+            raise UserError(f"cannot learn the plate structure from train.csv: train plates "
+                            f"form {len(labels)} siRNA group(s), not {N_GROUPS}; predict with "
+                            f"--plates off")
         table = pd.Series(component[n_treatments:], index=plates).unstack()   # experiment x plate
         order, rotations = _rotation_order(table)
         if order is None:    # no complete experiment, or not one cyclic order: plates alone
@@ -57,9 +68,9 @@ class PlateStructure:
         groups = [np.flatnonzero(component[:n_treatments] == g) for g in order]
         return cls(groups, cyclic=bool(rotations), train_rotations=rotations)
 
-    def membership(self, n_treatments):
+    def membership(self, n_treatments, dtype=np.float64):
         """(n_treatments, 4) 0/1 matrix: siRNA s is in group g."""
-        m = np.zeros((n_treatments, N_GROUPS))
+        m = np.zeros((n_treatments, N_GROUPS), dtype)
         for g, members in enumerate(self.groups):
             m[members, g] = 1.0
         return m
@@ -72,7 +83,8 @@ class PlateStructure:
         a cyclic structure one rotation per experiment is chosen from all its plates jointly:
         4 plates agree on 1 of 4 rotations, far more robust than 4 separate votes.
         """
-        mass = probs @ self.membership(probs.shape[1])                 # (wells, 4)
+        # in the dtype of probs: a float64 matrix would make numpy copy all of probs first
+        mass = probs @ self.membership(probs.shape[1], probs.dtype)   # (wells, 4)
         key = pd.MultiIndex.from_arrays([wells["experiment"].to_numpy(),
                                          wells["plate"].to_numpy()])
         plate_mass = pd.DataFrame(mass, index=key).groupby(level=[0, 1]).sum()
@@ -111,6 +123,8 @@ def _rotation_order(table):
 def assign_plate(log_probs, members):
     """Best siRNA of `members` per well, each used at most once (or evenly when wells outnumber
     them): a rectangular linear assignment maximising the summed log-probability."""
+    from scipy.optimize import linear_sum_assignment
+
     n_wells, k = log_probs.shape[0], len(members)
     repeats = -(-n_wells // k)                  # ceil: a 278th well must still get a class
     cost = -np.tile(log_probs[:, members], (1, repeats))
@@ -128,13 +142,14 @@ def plate_step(mode, wells, probs, structure):
     if mode == "off":
         return probs.argmax(axis=1)
     group = structure.infer_groups(wells, probs)
-    log_probs = np.log(np.clip(probs, 1e-45, None))
     pred = np.empty(len(probs), int)
     for _, rows in pd.Series(np.arange(len(probs))).groupby(plate_key(wells).to_numpy()):
         rows = rows.to_numpy()
         members = structure.groups[group[rows[0]]]
+        # one plate's log-probabilities at a time: no second (wells x classes) array
+        log_probs = np.log(np.clip(probs[rows], 1e-45, None))
         if mode == "mask":
-            pred[rows] = members[log_probs[np.ix_(rows, members)].argmax(axis=1)]
+            pred[rows] = members[log_probs[:, members].argmax(axis=1)]
         else:
-            pred[rows] = assign_plate(log_probs[rows], members)
+            pred[rows] = assign_plate(log_probs, members)
     return pred

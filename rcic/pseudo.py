@@ -11,7 +11,7 @@ chose; it is never recomputed on resume.
 import numpy as np
 import pandas as pd
 
-from rcic.inference import site_probabilities, well_probabilities
+from rcic.inference import site_probabilities
 from rcic.plates import PlateStructure, plate_step
 from rcic.tta import views
 
@@ -27,10 +27,11 @@ def schedule_fraction(pseudo_cfg, epoch):
 def choose_pseudo_labels(model, data, recipe, cell_types, device, fraction, batch_size):
     """DataFrame id_code, sirna, confidence: the most confident assigned test wells."""
     sites = data.test_sites(recipe.data.cell_types)
-    site_probs = site_probabilities(model, recipe, cell_types, data, sites, views(1), batch_size,
-                                    device, cache=recipe.data.cache, label="pseudo-labels")
     wells = sites.drop_duplicates("id_code").reset_index(drop=True)
-    probs = well_probabilities(sites, site_probs, wells["id_code"])
+    well_of, _ = pd.factorize(sites["id_code"])           # rows in the order of `wells`
+    probs = site_probabilities(model, recipe, cell_types, data, sites, views(1), batch_size,
+                               device, cache=recipe.data.cache, label="pseudo-labels",
+                               average_by=well_of)
     structure = PlateStructure.learn(data.wells, data.n_treatments)
     sirna = plate_step("assign", wells, probs, structure)
     confidence = probs[np.arange(len(wells)), sirna]

@@ -67,6 +67,21 @@ def test_plate_batches_hold_one_plate_and_shard_evenly():
     assert len(seen) == len(set(seen))
 
 
+def test_plate_batches_are_those_of_the_plain_per_group_definition():
+    """The one-sort grouping draws exactly what a scan per group draws (resumes depend on it)."""
+    rng = np.random.default_rng(3)
+    groups = np.array([f"E-{g:02d}_{g % 4 + 1}" for g in rng.integers(0, 9, 700)], dtype=object)
+    plain = np.random.default_rng([5, 2, 7919])
+    expected = []
+    for group in np.unique(groups):
+        members = plain.permutation(np.flatnonzero(groups == group))
+        expected += [members[i:i + 8] for i in range(0, len(members) - 7, 8)]
+    expected = [expected[i] for i in plain.permutation(len(expected))]
+    got = EpochBatchSampler(len(groups), 8, seed=5, epoch=2, groups=groups).batches
+    assert len(got) == len(expected) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
 def test_normalizer_per_experiment_uses_pixel_stats(tiny_data):
     data = RxRx1(tiny_data)
     train, _ = data.split_sites()

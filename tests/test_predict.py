@@ -11,7 +11,7 @@ from rcic.config import Recipe
 from rcic.data.layout import RxRx1
 from rcic.errors import UserError
 from rcic.models import create_model
-from rcic.inference import view_probabilities, well_probabilities
+from rcic.inference import site_probabilities, view_probabilities
 from rcic.predict import Ensemble, resolve_checkpoints
 from rcic.submission import check_submission
 from rcic.tta import VIEWS, views
@@ -57,11 +57,23 @@ def test_tta_over_the_whole_group_is_invariant_to_turning_the_input():
     assert not torch.allclose(single, averaged)                     # and the views do matter
 
 
-def test_both_sites_of_a_well_are_averaged_in_the_requested_order():
-    sites = pd.DataFrame({"id_code": ["a", "a", "b", "b"]})
-    probs = np.array([[1, 0], [0, 1], [0.2, 0.8], [0.4, 0.6]], np.float32)
-    out = well_probabilities(sites, probs, ["b", "a"])
-    np.testing.assert_allclose(out, [[0.3, 0.7], [0.5, 0.5]])
+def test_both_sites_of_a_well_are_averaged_as_they_are_predicted(tiny_data):
+    """average_by gives, per well, the mean of the per-site probabilities, in the order its
+    codes name, sites shuffled so that a well's two sites fall in different batches."""
+    data = RxRx1(tiny_data)
+    recipe = tiny_recipe()
+    cell_types = sorted(data.wells["cell_type"].unique())
+    torch.manual_seed(0)
+    model = create_model(recipe.model, data.n_treatments, len(cell_types))
+    sites = data.test_sites().sample(frac=1, random_state=0).reset_index(drop=True)
+    args = (model, recipe, cell_types, data, sites, views(2), 3, torch.device("cpu"))
+    per_site = site_probabilities(*args)
+    well_of, ids = pd.factorize(sites["id_code"])
+    per_well = site_probabilities(*args, average_by=well_of)
+    assert per_well.shape == (len(ids), data.n_treatments) and per_well.dtype == np.float32
+    expected = pd.DataFrame(per_site).groupby(sites["id_code"].to_numpy()).mean().loc[ids]
+    np.testing.assert_allclose(per_well, expected.to_numpy(), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(per_well[0], per_site[0])      # two different sites were averaged
 
 
 def test_ensemble_gives_specialists_and_generalists_equal_weight():

@@ -13,7 +13,6 @@ One batch's path, in order:
 import random
 import signal
 
-import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -37,6 +36,8 @@ def build_augment(name):
     """6-channel augmentations; every one of these keeps uint8 and works on (H, W, 6)."""
     if name == "none":
         return None
+    # Imported here: its 1-2 s of imports are paid only by runs that augment, not by prediction.
+    import albumentations as A
     geometric = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=1.0)]
     if name == "light":
         return A.Compose(geometric)
@@ -163,9 +164,14 @@ class EpochBatchSampler(Sampler):
             batches = [order[i:i + self.batch_size]
                        for i in range(0, self.n - self.batch_size + 1, self.batch_size)]
         else:
+            # The members of each group, groups in sorted order, each in ascending index order:
+            # one sort, where a comparison per group would cost plates x sites string compares
+            # (seconds at full size, paid at every epoch's start).
+            codes = np.unique(self.groups, return_inverse=True)[1]
+            order = np.argsort(codes, kind="stable")
             batches = []
-            for group in np.unique(self.groups):
-                members = rng.permutation(np.flatnonzero(self.groups == group))
+            for members in np.split(order, np.cumsum(np.bincount(codes))[:-1]):
+                members = rng.permutation(members)
                 batches += [members[i:i + self.batch_size]
                             for i in range(0, len(members) - self.batch_size + 1, self.batch_size)]
             batches = [batches[i] for i in rng.permutation(len(batches))]

@@ -315,6 +315,7 @@ class RxRx1:
     def split_sites(self, val_experiments=None, cell_types=None, use_controls=False,
                     use_test_controls=False):
         """Train and validation sites, split by whole experiments (never by wells: that leaks)."""
+        val_experiments_given = bool(val_experiments)
         val_experiments = list(val_experiments or self.default_val_experiments())
         unknown = sorted(set(val_experiments) - set(self.experiments("train")))
         if unknown:
@@ -337,7 +338,30 @@ class RxRx1:
             train = pd.concat([train, sites[(sites["split"] == "test")
                                             & (sites["well_type"] != "treatment")]])
         val = sites[in_val & (sites["well_type"] == "treatment")]
+        if not (labelled & ~in_val).any() or val.empty:
+            self._refuse_split(sites, val_experiments, val_experiments_given,
+                               nothing_to_train=not (labelled & ~in_val).any())
         return train.reset_index(drop=True), val.reset_index(drop=True)
+
+    def _refuse_split(self, sites, val_experiments, chosen, nothing_to_train):
+        """One line on a split that leaves nothing to train on or nothing to validate on."""
+        experiments = sites.loc[sites["split"] == "train", ["experiment", "cell_type"]]
+        per_cell = experiments.drop_duplicates().groupby("cell_type")["experiment"]
+        counts = ", ".join(f"{cell} {n}" for cell, n in per_cell.nunique().items())
+        which = (f"data.val_experiments {', '.join(val_experiments)}" if chosen else
+                 "validation (by default the last train experiment of each cell type)")
+        if not nothing_to_train:
+            raise UserError(f"{which} holds none of the cell types trained (train experiments "
+                            f"per cell type: {counts}): choose validation experiments of those "
+                            f"cell types with --set data.val_experiments=NAME")
+        fewer = ""
+        if experiments["experiment"].nunique() > 1:
+            fewer = (f", or validate on fewer, e.g. --set data.val_experiments="
+                     f"{experiments['experiment'].iloc[0]}")
+        raise UserError(f"{which} takes every train experiment of {self.root} (train "
+                        f"experiments per cell type: {counts}), so nothing is left to train "
+                        f"on: use data with at least 2 train experiments per cell type "
+                        f"(rcic-synth --experiments 2){fewer}")
 
     def test_sites(self, cell_types=None):
         """Sites of the test wells to predict (controls excluded: they are never submitted)."""
