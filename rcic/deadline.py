@@ -21,7 +21,7 @@ process and supervises it from a small parent that never imports torch:
 
 Exit status at the deadline: 0 when a committed checkpoint of this stage's recipe is in the
 output folder (the chain goes on from it, as after a stage that stopped itself); otherwise one
-line saying the budget is too short, and 2.
+line saying the budget is too short, exit 2, and the folder left as it was (no stage.json).
 
 The child dies with the parent (PR_SET_PDEATHSIG): killing `rcic-stage` kills its stage.
 """
@@ -218,6 +218,9 @@ def supervise(cmd, budget, out, budget_text, recipe_name, env=None):
     try:
         try:
             returncode = proc.wait(timeout=max(0.0, budget.remaining() - KILL_RESERVE))
+            phase, _, phase_seconds = listener.snapshot()
+            if returncode == 0 and phase == "teardown":
+                note_exit(Path(out), budget.elapsed(), phase_seconds)
             return returncode
         except subprocess.TimeoutExpired:
             pass
@@ -229,14 +232,15 @@ def supervise(cmd, budget, out, budget_text, recipe_name, env=None):
         except subprocess.TimeoutExpired:
             pass
         _reap_orphans()
+        if status.get("checkpoint_step") is None:
+            # Nothing to continue from: say so, and leave the folder as it was.
+            raise UserError(too_short_by_deadline(budget_text, status.get("recipe", recipe_name),
+                                                  phase, phase_seconds, budget.seconds))
         report = deadline_report(status, phase, phase_seconds, killed_at, budget, n_killed)
         # On a disk that has stalled, writing may never return: try, but exit on time.
         writer = threading.Thread(target=_write_report, args=(Path(out), report), daemon=True)
         writer.start()
         writer.join(timeout=max(0.0, budget.remaining() - 0.5))
-        if report["checkpoint_step"] is None:
-            raise UserError(too_short_by_deadline(budget_text, recipe_name, phase, phase_seconds,
-                                                  budget.seconds))
         print(json.dumps({k: report.get(k) for k in SUMMARY_KEYS}), flush=True)
         return 0
     finally:
@@ -257,7 +261,6 @@ SUMMARY_KEYS = ("done", "global_step", "total_steps", "epoch", "seconds_used",
 def deadline_report(status, phase, phase_seconds, killed_at, budget, n_killed):
     """stage.json after a kill: the child's last status, and what the kill interrupted."""
     report = dict(status)
-    report.setdefault("checkpoint_step", None)
     report.update({
         "done": False,
         "stopped_by": "deadline",
@@ -268,10 +271,21 @@ def deadline_report(status, phase, phase_seconds, killed_at, budget, n_killed):
         "budget_seconds": budget.seconds,
         "seconds_used": round(budget.elapsed(), 3),
     })
-    # The child measured its steps; whatever it did since its last report is lost.
-    report["global_step"] = report["checkpoint_step"] if report["checkpoint_step"] is not None \
-        else report.get("global_step")
+    # What the stage did after its newest commit is lost with it: the next stage starts there.
+    report["global_step"] = report["checkpoint_step"]
     return report
+
+
+def note_exit(out, exit_seconds, teardown_seconds):
+    """Add to the stage's own stage.json when its process ended, as seen from outside, and how
+    long its teardown took (reports, plot, loader workers joined, interpreter exit)."""
+    try:
+        report = json.loads((out / "stage.json").read_text())
+    except (OSError, ValueError):
+        return
+    report["exit_seconds"] = round(exit_seconds, 3)
+    report.setdefault("costs", {})["teardown_seconds"] = round(teardown_seconds, 3)
+    _write_report(out, report)
 
 
 def _write_report(out, report):

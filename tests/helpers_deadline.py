@@ -9,7 +9,7 @@
         pids to OUT/pids, reports phase "step" with a committed checkpoint at step 3, then:
           hang       reports "save" and sleeps forever (a save stuck in the kernel)
           nothing    reports "step" with no committed checkpoint and sleeps forever
-          finish     exits 0 at once, having written OUT/stage.json itself
+          finish     reports "teardown", writes OUT/stage.json itself 0.3 s later, exits 0
           signal     waits for SIGTERM, writes OUT/got-SIGTERM-N (N: how many), exits 0 after 1 s
 """
 import json
@@ -39,6 +39,8 @@ def child(out, behaviour):
     reporter = Reporter()
     committed = {"recipe": "stand-in", "global_step": 3, "checkpoint_step": 3, "total_steps": 10}
     if behaviour == "finish":
+        reporter.tell("teardown", committed)
+        time.sleep(0.3)
         (out / "stage.json").write_text(json.dumps({"stopped_by": "budget"}))
         rank.kill()
         os.kill(worker, signal.SIGKILL)
