@@ -44,7 +44,8 @@ from rcic.errors import UserError
 # to run the parent at all.
 KILL_RESERVE = 2.0
 EVENTS_ENV = "RCIC_STAGE_EVENTS"      # the FIFO a supervised stage reports to
-PHASES = ("startup", "step", "eval", "pseudo", "save", "teardown")
+# What a stage tells: "teardown" from its final reports on, "exit" once they are written.
+PHASES = ("startup", "step", "eval", "pseudo", "save", "teardown", "exit")
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -121,7 +122,7 @@ def tree(root):
 
 
 def kill_tree(root):
-    """SIGKILL `root` and everything below it; returns how many processes that was.
+    """SIGKILL `root` and everything below it; returns their process ids.
 
     Stopped first (SIGSTOP), then killed, so that none can fork a new process or hand its
     work on between the look and the kill."""
@@ -135,7 +136,7 @@ def kill_tree(root):
         frozen |= new
     for pid in frozen:
         _signal(pid, signal.SIGKILL)
-    return len(frozen)
+    return frozen
 
 
 def _signal(pid, signum):
@@ -145,15 +146,14 @@ def _signal(pid, signum):
         pass
 
 
-def _reap_orphans():
-    """Collect the exit status of killed processes that were re-parented to us (subreaper)."""
-    while True:
+def _reap(pids):
+    """Collect the exit status of killed processes that are our children now (orphans come to
+    the subreaper), and of no other child: a caller may be waiting on its own."""
+    for pid in pids:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            pass
 
 
 # ------------------------------------------------------------------ the supervisor
@@ -166,6 +166,7 @@ class _Listener(threading.Thread):
         self._file = os.fdopen(fd, "rb", buffering=0)
         self.phase, self.status = "startup", {}
         self.phase_since = time.monotonic()
+        self.teardown_since = None
         self.lock = threading.Lock()
 
     def run(self):
@@ -187,7 +188,14 @@ class _Listener(threading.Thread):
                 with self.lock:
                     if event.get("phase") != self.phase:
                         self.phase_since = time.monotonic()
+                    if event.get("phase") == "teardown" and self.teardown_since is None:
+                        self.teardown_since = self.phase_since
                     self.phase, self.status = event.get("phase"), event.get("status") or {}
+
+    def teardown_seconds(self):
+        """Seconds from the stage's "teardown" report to now (its exit), or None."""
+        with self.lock:
+            return None if self.teardown_since is None else time.monotonic() - self.teardown_since
 
     def snapshot(self):
         with self.lock:
@@ -218,25 +226,31 @@ def supervise(cmd, budget, out, budget_text, recipe_name, env=None):
     try:
         try:
             returncode = proc.wait(timeout=max(0.0, budget.remaining() - KILL_RESERVE))
-            phase, _, phase_seconds = listener.snapshot()
-            if returncode == 0 and phase == "teardown":
-                note_exit(Path(out), budget.elapsed(), phase_seconds)
+            if returncode == 0:
+                note_exit(Path(out), budget.elapsed(), listener.teardown_seconds())
             return returncode
         except subprocess.TimeoutExpired:
             pass
         phase, status, phase_seconds = listener.snapshot()
         killed_at = budget.elapsed()
-        n_killed = kill_tree(proc.pid)
+        killed = kill_tree(proc.pid)
         try:
             proc.wait(timeout=0.2)   # a process stuck in the kernel dies when the kernel lets it
         except subprocess.TimeoutExpired:
             pass
-        _reap_orphans()
+        _reap(killed - {proc.pid})
+        if phase == "exit":
+            # It had said all it had to say (its reports, or its one line): only the process's
+            # own ending was cut short.
+            returncode = status.get("returncode", 0)
+            if returncode == 0:
+                note_exit(Path(out), budget.elapsed(), listener.teardown_seconds(), killed=True)
+            return returncode
         if status.get("checkpoint_step") is None:
             # Nothing to continue from: say so, and leave the folder as it was.
             raise UserError(too_short_by_deadline(budget_text, status.get("recipe", recipe_name),
                                                   phase, phase_seconds, budget.seconds))
-        report = deadline_report(status, phase, phase_seconds, killed_at, budget, n_killed)
+        report = deadline_report(status, phase, phase_seconds, killed_at, budget, len(killed))
         # On a disk that has stalled, writing may never return: try, but exit on time.
         writer = threading.Thread(target=_write_report, args=(Path(out), report), daemon=True)
         writer.start()
@@ -276,7 +290,7 @@ def deadline_report(status, phase, phase_seconds, killed_at, budget, n_killed):
     return report
 
 
-def note_exit(out, exit_seconds, teardown_seconds):
+def note_exit(out, exit_seconds, teardown_seconds, killed=False):
     """Add to the stage's own stage.json when its process ended, as seen from outside, and how
     long its teardown took (reports, plot, loader workers joined, interpreter exit)."""
     try:
@@ -284,7 +298,10 @@ def note_exit(out, exit_seconds, teardown_seconds):
     except (OSError, ValueError):
         return
     report["exit_seconds"] = round(exit_seconds, 3)
-    report.setdefault("costs", {})["teardown_seconds"] = round(teardown_seconds, 3)
+    if teardown_seconds is not None:
+        report.setdefault("costs", {})["teardown_seconds"] = round(teardown_seconds, 3)
+    if killed:
+        report["killed_at_exit"] = True
     _write_report(out, report)
 
 

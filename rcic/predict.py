@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from rcic.adabn import (MODES as ADABN_MODES, batchnorm_layers, plate_rows, plate_statistics,
                         use_adabn)
+from rcic.budget import interruptible
 from rcic.data.dataset import Normalizer, SiteDataset, make_loader
 from rcic.errors import UserError
 from rcic.plates import MODES, PlateStructure, plate_step
@@ -108,11 +109,12 @@ def view_probabilities(model, x, cell_type, views, n_treatments):
 
 @torch.inference_mode()
 def site_probabilities(member, data, sites, views, batch_size, device, workers=0, cache="",
-                       adabn=False):
+                       adabn=False, stop=None):
     """Probabilities of every row of `sites`, [len(sites), n_treatments] float32.
 
     adabn: predict plate by plate, each with BatchNorm statistics of its own images (adabn.py);
-    the plate's images are then read twice, once to measure them and once to predict."""
+    the plate's images are then read twice, once to measure them and once to predict.
+    stop: asked before each batch (rcic.budget.interruptible); raises Interrupted when it says so."""
     recipe = member.recipe
     recipe.data.cache = cache     # the recipe's own cache path belongs to the training machine
     dataset = SiteDataset(data, sites, recipe, train=False, cell_types=member.meta["cell_types"])
@@ -123,7 +125,7 @@ def site_probabilities(member, data, sites, views, batch_size, device, workers=0
         """(batch, normalised images, cell types) of the given rows, batch by batch."""
         loader = make_loader(Subset(dataset, rows), batch_size=batch_size, num_workers=workers,
                              pin_memory=device.type == "cuda")
-        for batch in loader:
+        for batch in interruptible(loader, stop):
             images = batch["image"].to(device, non_blocking=True)
             x = normalize(images, batch["norm_idx"].to(device))
             yield batch, x, batch["cell_type"].to(device)

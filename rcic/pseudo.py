@@ -25,8 +25,9 @@ def schedule_fraction(pseudo_cfg, epoch):
     return min(pseudo_cfg.max_fraction, grown)
 
 
-def choose_pseudo_labels(model, data, recipe, cell_types, device, fraction, batch_size):
-    """DataFrame id_code, sirna, confidence: the most confident assigned test wells."""
+def choose_pseudo_labels(model, data, recipe, cell_types, device, fraction, batch_size, stop=None):
+    """DataFrame id_code, sirna, confidence: the most confident assigned test wells. `stop()` is
+    asked before each batch of the pass over the test set (rcic.budget.interruptible)."""
     from rcic.predict import Member, site_probabilities, well_probabilities
     from rcic.tta import views
 
@@ -35,9 +36,11 @@ def choose_pseudo_labels(model, data, recipe, cell_types, device, fraction, batc
     member = Member(Path("<training>"), model, copy.deepcopy(recipe), {"cell_types": cell_types})
     was_training = model.training
     model.eval()
-    site_probs = site_probabilities(member, data, sites, views(1), batch_size, device,
-                                    cache=recipe.data.cache)
-    model.train(was_training)
+    try:
+        site_probs = site_probabilities(member, data, sites, views(1), batch_size, device,
+                                        cache=recipe.data.cache, stop=stop)
+    finally:
+        model.train(was_training)
     wells = sites.drop_duplicates("id_code").reset_index(drop=True)
     probs = well_probabilities(sites, site_probs, wells["id_code"])
     train_wells = data.wells[(data.wells["split"] == "train") & (data.wells["well_type"] == "treatment")]

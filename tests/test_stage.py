@@ -101,15 +101,20 @@ def test_recipe_with_other_training_fields_is_refused(tiny_data, tmp_path, refer
 
 
 def test_budget_is_never_exceeded(tiny_data, tmp_path):
-    # Slow steps (bigger images) and budgets that end mid-epoch.
-    # Budgets are short but not absurd: start-up (imports, data checks) alone takes seconds.
+    # Slow steps (bigger images) and budgets that end mid-epoch. Start-up (imports, data checks)
+    # alone takes seconds; on a very busy machine more than the budget: then the one line.
     for trial, budget in enumerate([15, 20]):
         out = tmp_path / f"b{trial}"
         start = time.time()
-        stage(tiny_data, out, budget=f"{budget}s", sets=["data.image_size=48", "train.epochs=50"])
+        result = stage(tiny_data, out, budget=f"{budget}s", sets=["data.image_size=48", "train.epochs=50"],
+                       check=False)
         elapsed = time.time() - start
         assert elapsed < budget, f"trial {trial}: {elapsed:.1f}s for a {budget}s budget"
-    assert json.loads((out / "stage.json").read_text())["global_step"] > 0
+        if result.returncode == 0:
+            assert json.loads((out / "stage.json").read_text())["global_step"] > 0
+        else:
+            assert result.returncode == 2 and "is too short for recipe" in result.stderr
+            assert result.stderr.strip().count("\n") == 0, result.stderr
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_data, tmp_path):
