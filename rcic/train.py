@@ -130,13 +130,16 @@ class Trainer:
         is asked by rank 0 before each batch; when it says so every rank raises Interrupted."""
         labels = [None]
         if self.rank == 0:
+            before = rng_state()
             try:
                 labels[0] = choose_pseudo_labels(
                     self.inference_model(), self.data, self.recipe, self.cell_types, self.device,
                     schedule_fraction(self.recipe.pseudo, self.epoch),
                     self.recipe.data.batch_size * 2, stop=stop)
             except Interrupted:
-                pass           # None tells every rank
+                # The pass drew from the RNG (its loader's seed): undo that, so that the pass
+                # the next stage makes draws the same. labels[0] stays None: every rank stops.
+                set_rng_state(before)
         if self.world > 1:
             dist.broadcast_object_list(labels, src=0)
         if labels[0] is None:
