@@ -202,7 +202,7 @@ class _Listener(threading.Thread):
             return self.phase, dict(self.status), time.monotonic() - self.phase_since
 
 
-def supervise(cmd, budget, out, budget_text, recipe_name, env=None):
+def supervise(cmd, budget, out, recipe_name, env=None):
     """Run the stage `cmd` under `budget` (a rcic.budget.Budget); end it at the deadline.
 
     Returns the exit status for rcic-stage: the child's own when it ended by itself; at the
@@ -248,7 +248,7 @@ def supervise(cmd, budget, out, budget_text, recipe_name, env=None):
             return returncode
         if status.get("checkpoint_step") is None:
             # Nothing to continue from: say so, and leave the folder as it was.
-            raise UserError(too_short_by_deadline(budget_text, status.get("recipe", recipe_name),
+            raise UserError(too_short_by_deadline(status.get("recipe", recipe_name),
                                                   phase, phase_seconds, budget.seconds))
         report = deadline_report(status, phase, phase_seconds, killed_at, budget, len(killed))
         # On a disk that has stalled, writing may never return: try, but exit on time.
@@ -315,22 +315,27 @@ def _write_report(out, report):
         print(f"rcic-stage: could not write {out / 'stage.json'} ({err.strerror})", file=sys.stderr)
 
 
-def too_short_by_deadline(budget_text, recipe_name, phase, phase_seconds, budget_seconds):
+def too_short_by_deadline(recipe_name, phase, phase_seconds, budget_seconds):
     what = {"startup": "start-up", "step": "its first optimizer step", "eval": "a validation",
             "pseudo": "a pseudo-label pass", "save": "its first save",
             "teardown": "its teardown"}.get(phase, phase)
-    return (f"budget {budget_text} is too short for recipe {recipe_name} here: {what} was still "
+    return (f"budget {format_duration(budget_seconds)} is too short for recipe {recipe_name} here: {what} was still "
             f"running at the deadline ({phase_seconds:.0f} s in) and nothing was committed; give it "
-            f"at least {format_duration(2 * budget_seconds)}")
+            f"at least {round_up_duration(2 * budget_seconds)}")
 
 
 def format_duration(seconds):
-    """A duration rounded up to what a person types: 50s, 4m, 1h10m."""
-    seconds = max(1, int(-(-seconds // 1)))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes = -(-seconds // 60)
-    if minutes < 60:
-        return f"{minutes}m"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes}m" if minutes else f"{hours}h"
+    """A duration as a person types it: 40s, 1m12s, 8h, 7h30m (whole seconds)."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + \
+        (f"{seconds}s" if seconds or not (hours or minutes) else "")
+    return text
+
+
+def round_up_duration(seconds):
+    """`seconds` rounded up to what a person would ask for: whole seconds under a minute,
+    whole minutes under an hour, whole 10 minutes above."""
+    step = 1 if seconds < 60 else 60 if seconds < 3600 else 600
+    return format_duration(step * -(-seconds // step))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from rcic import checkpoint
 from rcic.budget import DurationEstimator, Interrupted, StopRequest
 from rcic.config import differing_training_fields, from_dict, save_recipe
-from rcic.deadline import Reporter, format_duration
+from rcic.deadline import Reporter, format_duration, round_up_duration
 from rcic.errors import UserError
 from rcic.train import Trainer
 from rcic.weights import WEIGHTS_NAME, find_weights, read_weights, save_weights
@@ -281,7 +281,7 @@ class Stage:
             parts = f" ({trainer.accum} micro-batches of ~{micro:.0f} s)" if trainer.accum > 1 else ""
             raise UserError(f"budget {format_duration(self.budget.seconds)} is too short for recipe "
                             f"{self.recipe.name} here: one optimizer step takes about {step:.0f} s"
-                            f"{parts}; give it at least {format_duration(max(need, self.budget.seconds + 1))}")
+                            f"{parts}; give it at least {round_up_duration(max(need, self.budget.seconds + 1))}")
         self.stopped_by = "budget"
         log.info("stopped before the end of step %d: the rest of it no longer fits in the budget",
                  trainer.global_step + 1)

@@ -69,7 +69,7 @@ def child(out, behaviour):
 def run_supervised(argv):
     budget_text, out, behaviour = argv
     cmd = [sys.executable, __file__, "child", out, behaviour]
-    return supervise(cmd, Budget(parse_duration(budget_text)), out, budget_text, "stand-in")
+    return supervise(cmd, Budget(parse_duration(budget_text)), out, "stand-in")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rcic.deadline import KILL_RESERVE, format_duration, kill_tree
+from rcic.budget import parse_duration
+from rcic.deadline import KILL_RESERVE, format_duration, kill_tree, round_up_duration
 
 HELPER = str(Path(__file__).with_name("helpers_deadline.py"))
 
@@ -104,7 +105,14 @@ def test_kill_tree_takes_orphans_of_a_group_and_new_sessions(tmp_path):
     assert wait_gone(pids) == []
 
 
-@pytest.mark.parametrize("seconds, text", [(40, "40s"), (59.2, "1m"), (61, "2m"), (240, "4m"),
-                                           (3600, "1h"), (4210, "1h11m")])
-def test_format_duration_rounds_up(seconds, text):
+@pytest.mark.parametrize("seconds, text", [(40, "40s"), (72, "1m12s"), (3600, "1h"),
+                                           (27000, "7h30m"), (3723.4, "1h2m3s")])
+def test_format_duration_is_exact(seconds, text):
     assert format_duration(seconds) == text
+    assert parse_duration(text) == round(seconds)
+
+
+@pytest.mark.parametrize("seconds, text", [(40.2, "41s"), (59.2, "1m"), (61, "2m"), (240, "4m"),
+                                           (3600, "1h"), (4210, "1h20m")])
+def test_round_up_duration(seconds, text):
+    assert round_up_duration(seconds) == text

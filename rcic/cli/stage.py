@@ -82,7 +82,7 @@ def run(argv):
         check_writable(out)
         env = dict(os.environ, RCIC_START_TIME=repr(start))
         return supervise(stage_command(args.gpus, argv), Budget(seconds, start=start), out,
-                         args.budget, recipe.name, env=env)
+                         recipe.name, env=env)
     return run_stage(args, recipe, Budget(seconds, start=start,
                                           margin=default_margin(seconds) + KILL_RESERVE))
 
