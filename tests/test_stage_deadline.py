@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from faults.harness import error_lines
 from rcic.budget import Interrupted
 from rcic.checkpoint import latest_checkpoint
 from rcic.cli.common import open_data
@@ -270,17 +271,20 @@ def test_a_save_that_stalls(tiny_data, tmp_path, reference, budget):
 
 
 def test_a_step_longer_than_the_whole_budget(tiny_data, tmp_path, budget):
-    """One optimizer step of 16 micro-batches of 32 images at 160 px: the first micro-batch is
-    measured, and the stage says in one line that the budget cannot hold a step, leaving the
-    folder as it was."""
+    """One optimizer step of 8 micro-batches of 4 images at 512 px (4-15 s each here): the first
+    micro-batch is measured, and the stage says in one line that the budget cannot hold a step,
+    leaving the folder as it was."""
     out = tmp_path / "out"
-    earlier = Run(stage_cmd(tiny_data, out, "5m", extra=["--steps", "2"])).finish()
+    # What the folder holds already: two steps of another recipe.
+    (tmp_path / "earlier.yaml").write_text("name: earlier\n")
+    earlier = Run(stage_cmd(tiny_data, out, "5m", extra=["--steps", "2", "--config",
+                                                         str(tmp_path / "earlier.yaml")])).finish()
     assert earlier.proc.returncode == 0
     before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "stage.log"}
-    run = Run(stage_cmd(tiny_data, out, f"{budget}s", "data.image_size=160", "data.batch_size=32",
-                        "optim.accumulation_steps=16", "data.num_workers=0")).finish()
+    run = Run(stage_cmd(tiny_data, out, f"{budget}s", "data.image_size=512",
+                        "optim.accumulation_steps=8", "data.num_workers=0")).finish()
     assert run.seconds < budget, f"{run.seconds:.1f} s for a {budget} s budget"
-    lines = run.err.strip().splitlines()
+    lines = error_lines(run.err)         # what a person reads: progress bars are not lines
     assert run.proc.returncode == 2 and len(lines) == 1, run.err[-2000:]
     assert lines[0].startswith(f"rcic-stage: error: budget {format_duration(budget)} is too short "
                                f"for recipe tiny-cpu here: ")
