@@ -294,18 +294,21 @@ def test_a_step_longer_than_the_whole_budget(tiny_data, tmp_path, budget):
 
 
 def test_a_validation_longer_than_what_is_left(tiny_data, tmp_path, budget):
-    """A validation after every step at 96 px, each longer than the steps: the first, not yet
-    measured, starts with little time left and must stop at a batch boundary."""
+    """At 1024 px with one image a step, a step takes seconds and a validation after it (32
+    sites) far longer than the rest of the budget: that validation, not yet measured, starts and
+    must stop at a batch boundary, and the stage end on time with its step saved."""
     out = tmp_path / "out"
-    sets = ["train.eval_every_steps=1", "data.image_size=96", "data.batch_size=2"]
+    sets = ["train.eval_every_steps=1", "data.image_size=1024", "data.batch_size=1",
+            "data.num_workers=0"]
     run = Run(stage_cmd(tiny_data, out, f"{budget}s", *sets)).finish()
     assert run.seconds < budget, f"{run.seconds:.1f} s for a {budget} s budget"
     assert run.proc.returncode == 0, run.err[-2000:]
     report = json.loads((out / "stage.json").read_text())
-    assert report["stopped_by"] == "budget", report
-    assert "validation at step" in (out / "stage.log").read_text()
+    assert report["stopped_by"] == "budget" and report["costs"]["evals"] == 0, report
+    assert report["costs"]["eval_seconds"] > 0
+    assert "validation at step 1 stopped" in (out / "stage.log").read_text()
     newest = latest_checkpoint([out])
-    assert newest is not None and newest.step == report["global_step"]
+    assert newest is not None and newest.step == report["global_step"] == 1
 
 
 def test_the_deadline_holds_with_the_other_core_busy(own_data, tmp_path, reference, budget):
