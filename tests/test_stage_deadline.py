@@ -220,27 +220,48 @@ def own_data(tiny_data, tmp_path):
     return Path(shutil.copytree(tiny_data, tmp_path / "data"))
 
 
-def test_a_loader_worker_that_hangs_forever(own_data, tmp_path, reference, budget):
-    """Once a checkpoint is committed, every image of the training (not validation) experiments
-    becomes a FIFO that nobody writes to: the next read of a loader worker never returns."""
-    out = tmp_path / "out"
-    validation = set(open_data(own_data).default_val_experiments())
-    run = Run(stage_cmd(own_data, out, f"{budget}s"))
-    assert wait_for(lambda: committed(out) or run.proc.poll() is not None, budget)
-    assert run.proc.poll() is None, run.finish().err[-2000:]
-    real = own_data / "real"
-    for experiment in (own_data / "train").iterdir():
+def fifos_for_the_training_images(data):
+    """A FIFO for every image of the training (not validation) experiments, in data/fifos."""
+    validation = set(open_data(data).default_val_experiments())
+    for experiment in (data / "train").iterdir():
         if experiment.name not in validation:
-            os.renames(experiment, real / experiment.name)
-            for png in (real / experiment.name).rglob("*.png"):
-                fifo = experiment / png.relative_to(real / experiment.name)
+            for png in experiment.rglob("*.png"):
+                fifo = data / "fifos" / experiment.name / png.relative_to(experiment)
                 fifo.parent.mkdir(parents=True, exist_ok=True)
                 os.mkfifo(fifo)
-    run.finish()
-    assert_killed_at_the_deadline(run, out, budget, "step")
+
+
+def hang_the_training_images(data):
+    """Put the FIFOs in the images' place: nobody writes to them, so the next read of a loader
+    worker never returns. Returns where the images went."""
+    real = data / "real"
+    for experiment in (data / "fifos").iterdir():
+        # Two renames, microseconds apart: a reader finds the image or the FIFO.
+        os.renames(data / "train" / experiment.name, real / experiment.name)
+        os.rename(experiment, data / "train" / experiment.name)
+    return real
+
+
+def mend(data, real):
     for experiment in real.iterdir():
-        shutil.rmtree(own_data / "train" / experiment.name)
-        os.rename(experiment, own_data / "train" / experiment.name)
+        shutil.rmtree(data / "train" / experiment.name)
+        os.rename(experiment, data / "train" / experiment.name)
+
+
+def test_a_loader_worker_that_hangs_forever(own_data, tmp_path, reference, budget):
+    """A stage resumes from step 2; as it starts to train, its loader workers hang forever."""
+    out = tmp_path / "out"
+    earlier = Run(stage_cmd(own_data, out, "5m", extra=["--steps", "2"])).finish()
+    assert earlier.proc.returncode == 0, earlier.err[-2000:]
+    fifos_for_the_training_images(own_data)
+    run = Run(stage_cmd(own_data, out, f"{budget}s"))
+    assert wait_for(lambda: "resumed from" in (out / "stage.log").read_text()
+                    or run.proc.poll() is not None, budget)
+    real = hang_the_training_images(own_data)
+    run.finish()
+    report = assert_killed_at_the_deadline(run, out, budget, "step")
+    assert report["checkpoint_step"] == 2
+    mend(own_data, real)
     resume_to_the_end(own_data, out, reference)
 
 
