@@ -28,6 +28,7 @@ The child dies with the parent (PR_SET_PDEATHSIG): killing `rcic-stage` kills it
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,8 @@ import threading
 import time
 from pathlib import Path
 
+from rcic.budget import Budget, default_margin
+from rcic.config import save_recipe
 from rcic.errors import UserError
 
 # Seconds between the kill and the deadline: freezing and killing the process tree, reaping it,
@@ -157,6 +160,51 @@ def _reap(pids):
 
 
 # ------------------------------------------------------------------ the supervisor
+
+def supervised():
+    """True in a stage that a supervisor runs (and in each of its ranks)."""
+    return EVENTS_ENV in os.environ
+
+
+def stage_budget(seconds, start):
+    """The budget a supervised stage plans with: the supervisor's, less what the kill needs."""
+    return Budget(seconds, start=start, margin=default_margin(seconds) + KILL_RESERVE)
+
+
+def check_writable(out):
+    """Fail before any work if the output folder cannot take files."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".rcic-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"output folder {out} is not writable ({err.strerror}): pass a writable --out")
+
+
+def supervise_stage(recipe, data_root, out, budget, resume_roots, max_steps=0, quiet=False, gpus=1):
+    """Run `rcic-stage` for `recipe` as a supervised child (torchrun with `gpus` > 1) on the
+    clock of `budget`; returns the exit status (see `supervise`). data_root None: the embedded
+    data. The recipe travels as a YAML file, exactly as given (overrides included)."""
+    check_writable(out)
+    folder = Path(tempfile.mkdtemp(prefix="rcic-recipe-"))
+    try:
+        save_recipe(recipe, folder / "recipe.yaml")
+        argv = ["--config", str(folder / "recipe.yaml"), "--out", str(out),
+                "--budget", f"{budget.seconds:g}s", "--steps", str(max_steps)]
+        argv += ["--data", str(data_root)] if data_root is not None else []
+        argv += ["--quiet"] if quiet else []
+        argv += ["--resume-from", *map(str, resume_roots)]
+        if gpus > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={gpus}", "-m", "rcic.cli.stage", *argv]
+        else:
+            cmd = [sys.executable, "-m", "rcic.cli.stage", *argv]
+        env = dict(os.environ, RCIC_START_TIME=repr(budget.start))
+        return supervise(cmd, budget, out, recipe.name, env=env)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 class _Listener(threading.Thread):
     """Reads the child's reports; keeps the newest and when its phase began."""

@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,15 +27,49 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rcic import checkpoint
-from rcic.budget import DurationEstimator, Interrupted, StopRequest
+from rcic import checkpoint, deadline
+from rcic.budget import USABLE_FRACTION, DurationEstimator, Interrupted, StopRequest
 from rcic.config import differing_training_fields, from_dict, save_recipe
 from rcic.deadline import Reporter, format_duration, round_up_duration
 from rcic.errors import UserError
+from rcic.logs import setup_logging
 from rcic.train import Trainer
 from rcic.weights import WEIGHTS_NAME, find_weights, read_weights, save_weights
 
 log = logging.getLogger("rcic")
+
+
+def run_stage(recipe, data, out, budget, resume_roots, max_steps=0, quiet=False, gpus=1):
+    """Train one stage of `recipe` on `data` (an RxRx1) into `out`; returns its report (the
+    content of stage.json).
+
+    Called by a program (rcic-stage, a Kaggle kernel), it runs the stage in a child process (under
+    torchrun with `gpus` > 1) that a supervisor ends at the deadline whatever it is doing
+    (rcic/deadline.py); a stage that failed has said why on stderr: SystemExit with its status.
+    In that child, and in each of its ranks, it trains: rank 0 alone writes.
+
+    resume_roots: folders searched for this recipe's newest checkpoint (`out` is added).
+    max_steps: stop after that many optimizer steps even with budget left (0: no limit).
+    """
+    out = Path(out)
+    if not deadline.supervised():
+        status = deadline.supervise_stage(recipe, data.root, out, budget, resume_roots, max_steps,
+                                          quiet, gpus)
+        if status:
+            raise SystemExit(status)
+        return json.loads((out / "stage.json").read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(out / "stage.log" if rank == 0 else None, quiet or rank > 0)
+    return Stage(recipe, data, out, budget, [*resume_roots, out], max_steps).run()
+
+
+def launch_distributed(gpus, stage_argv, start):
+    """Run the rcic-stage command `stage_argv` with one DDP process per GPU (torchrun, under
+    rcic-stage's supervisor), all on the clock that started at `start` (epoch seconds);
+    returns its exit status."""
+    env = dict(os.environ, RCIC_START_TIME=repr(start))
+    cmd = [sys.executable, "-m", "rcic.cli.stage", f"--gpus={gpus}", *stage_argv]
+    return subprocess.run(cmd, env=env).returncode
 
 
 def find_resume_point(roots, recipe):
@@ -368,7 +404,7 @@ class Stage:
         """The stage's numbers: what stage.json holds, and what the supervisor keeps of it."""
         steps_left = max(0, trainer.total_steps - trainer.global_step)
         step_time = self.times.estimate("step") if self.steps_this_stage else 0.0
-        usable = max(1.0, self.budget.seconds * 0.9)
+        usable = max(1.0, self.budget.seconds * USABLE_FRACTION)
         costs = {k: round(v, 3) if isinstance(v, float) else v for k, v in self.costs.items()}
         return {
             "done": trainer.finished,

@@ -22,13 +22,13 @@ import pytest
 import torch
 
 from faults.harness import error_lines
+from helpers import assert_same_weights
 from rcic.budget import Interrupted
-from rcic.checkpoint import latest_checkpoint
+from rcic.checkpoint import find_checkpoints
 from rcic.cli.common import open_data
 from rcic.config import load_recipe
 from rcic.deadline import format_duration
 from rcic.train import Trainer
-from test_stage import same_weights, weights
 
 # 8 steps an epoch, 24 in all; a checkpoint every 2 steps; two loader workers.
 TINY = ["data.image_size=16", "data.batch_size=4", "train.epochs=3", "train.log_every_steps=3",
@@ -173,6 +173,12 @@ def wait_for(predicate, seconds=120, poll=0.05):
     return False
 
 
+def newest_commit(out):
+    """The newest checkpoint in `out` that verifies (sizes and sha256 of every file), or None."""
+    found = find_checkpoints([out])
+    return found[0] if found else None
+
+
 def committed(out):
     return any(p.name.startswith("ckpt-") and (p / "MANIFEST.json").exists()
                for p in out.glob("ckpt-*"))
@@ -184,7 +190,7 @@ def assert_killed_at_the_deadline(run, out, budget, interrupted):
     assert run.proc.returncode == 0, run.err[-2000:]
     report = json.loads((out / "stage.json").read_text())
     assert report["stopped_by"] == "deadline" and report["interrupted"] == interrupted, report
-    newest = latest_checkpoint([out])      # verified: sizes and sha256 of every file
+    newest = newest_commit(out)
     assert newest is not None and newest.step == report["checkpoint_step"] == report["global_step"]
     assert wait_for(lambda: not processes_writing_to(out), seconds=10)
     return report
@@ -211,7 +217,7 @@ def resume_to_the_end(data, out, reference):
     run = Run(stage_cmd(data, out, "10m")).finish()
     assert run.proc.returncode == 0, run.err[-2000:]
     assert json.loads((out / "stage.json").read_text())["done"] is True
-    assert same_weights(weights(out), weights(reference))
+    assert_same_weights(out, reference)
 
 
 @pytest.fixture
@@ -328,7 +334,7 @@ def test_a_validation_longer_than_what_is_left(tiny_data, tmp_path, budget):
     assert report["stopped_by"] == "budget" and report["costs"]["evals"] == 0, report
     assert report["costs"]["eval_seconds"] > 0
     assert "validation at step 1 stopped" in (out / "stage.log").read_text()
-    newest = latest_checkpoint([out])
+    newest = newest_commit(out)
     assert newest is not None and newest.step == report["global_step"] == 1
 
 

@@ -13,13 +13,12 @@ import os
 import sys
 from pathlib import Path
 
-from rcic.budget import Budget, default_margin, parse_duration, process_start_time
-from rcic.cli.common import ArgumentParser
+from rcic import deadline
+from rcic.budget import Budget, parse_duration, process_start_time
+from rcic.cli.common import ArgumentParser, open_data
 from rcic.config import load_recipe
-from rcic.deadline import EVENTS_ENV, KILL_RESERVE, SUMMARY_KEYS, Reporter, supervise
-from rcic.errors import UserError, cli_main
-
-KAGGLE_INPUT = Path("/kaggle/input")
+from rcic.errors import cli_main
+from rcic.search import KAGGLE_INPUT
 
 
 def parser():
@@ -43,64 +42,24 @@ def parser():
     return p
 
 
-def check_writable(out):
-    """Fail before any work if the output folder cannot take files."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".rcic-write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"output folder {out} is not writable ({err.strerror}): pass a writable --out")
-
-
-def stage_command(gpus, argv):
-    """The child: this command again (under torchrun, one process per GPU, without --gpus)."""
-    argv, rest = [], list(argv)
-    while rest:
-        token = rest.pop(0)
-        if token == "--gpus":
-            rest.pop(0)
-        elif not token.startswith("--gpus="):
-            argv.append(token)
-    if gpus > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={gpus}", "-m", "rcic.cli.stage", *argv]
-    return [sys.executable, "-m", "rcic.cli.stage", *argv]
-
-
 def run(argv):
     # The budget counts from process start, imports included: the supervisor's start, which
     # its stage (and every rank under torchrun) is given.
     start = float(os.environ.get("RCIC_START_TIME") or process_start_time())
-    argv = list(argv if argv is not None else sys.argv[1:])
     args = parser().parse_args(argv)
     seconds = parse_duration(args.budget)
     recipe = load_recipe(args.config, args.set)   # bad input: one line here, not one per process
-    out = Path(args.out)
-    if EVENTS_ENV not in os.environ:
-        check_writable(out)
-        env = dict(os.environ, RCIC_START_TIME=repr(start))
-        return supervise(stage_command(args.gpus, argv), Budget(seconds, start=start), out,
-                         recipe.name, env=env)
-    return run_stage(args, recipe, Budget(seconds, start=start,
-                                          margin=default_margin(seconds) + KILL_RESERVE))
-
-
-def run_stage(args, recipe, budget):
-    """The stage itself, in the supervised child (one per rank under torchrun)."""
-    from rcic.cli.common import open_data, setup_logging
-    rank = int(os.environ.get("RANK", "0"))
-    out = Path(args.out)
     roots = list(args.resume_from) if args.resume_from is not None else (
         [KAGGLE_INPUT] if KAGGLE_INPUT.is_dir() else [])
-    roots.append(out)
+    if not deadline.supervised():
+        return deadline.supervise_stage(recipe, args.data, Path(args.out), Budget(seconds, start=start),
+                                        roots, args.steps, args.quiet, args.gpus)
     data = open_data(args.data)
-    from rcic.stage import Stage   # torch loads only after the input is checked
-    setup_logging(out / "stage.log" if rank == 0 else None, args.quiet or rank > 0)
-    report = Stage(recipe, data, out, budget, roots, args.steps).run()
-    if rank == 0:
-        print(json.dumps({k: report[k] for k in SUMMARY_KEYS}), file=sys.stdout)
+    from rcic.stage import run_stage   # torch loads only after the input is checked
+    report = run_stage(recipe, data, args.out, deadline.stage_budget(seconds, start), roots,
+                       args.steps, args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: report[k] for k in deadline.SUMMARY_KEYS}), file=sys.stdout)
 
 
 def exit_now(status):
@@ -110,13 +69,13 @@ def exit_now(status):
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
-    Reporter().tell("exit", {"returncode": status})
+    deadline.Reporter().tell("exit", {"returncode": status})
     os._exit(status)
 
 
 def main(argv=None):
     status = cli_main("rcic-stage", run, argv)
-    if EVENTS_ENV in os.environ:
+    if deadline.supervised():
         exit_now(status)      # the stage, under its supervisor
     return status
 
