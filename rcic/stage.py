@@ -217,8 +217,9 @@ class Stage:
                     return
                 batches = None         # the training set has changed
             else:
-                batches = trainer.micro_batches() if batches is None else batches
-                if not self.step(trainer, batches, bar):
+                fresh = batches is None
+                batches = trainer.micro_batches() if fresh else batches
+                if not self.step(trainer, batches, bar, fresh):
                     return
                 if trainer.batch_in_epoch == 0:
                     batches = None     # the epoch is over
@@ -274,7 +275,7 @@ class Stage:
                             "budget_seconds": self.budget.seconds, "costs": dict(self.costs)})
 
     # -- the units of work ----------------------------------------------------------------------
-    def step(self, trainer, batches, bar):
+    def step(self, trainer, batches, bar, fresh_loader):
         """One optimizer step, micro-batch by micro-batch. Between micro-batches the budget is
         asked whether the rest of the step and the final save fit; if not, the step is undone
         and False returned. The stage's first micro-batch is measured before the step is
@@ -286,9 +287,14 @@ class Stage:
         for k in range(n):
             if k and not self.fits("micro-batch", n - k):
                 return self.give_up_step(trainer, n)
-            # Its time includes waiting for its data: that is what the budget pays.
-            with self.times.timer("micro-batch"):
-                trainer.accumulate(next(batches))
+            waiting = time.perf_counter()
+            batch = next(batches)
+            computing = time.perf_counter()
+            trainer.accumulate(batch)
+            # A micro-batch costs its wait for data too, except the first of a new loader,
+            # whose wait (the workers starting) is paid once, not by every micro-batch.
+            first = fresh_loader and k == 0
+            self.times.record("micro-batch", time.perf_counter() - (computing if first else waiting))
         if self.steps_this_stage == 0 and n == 1 and not self.fits("micro-batch", 0):
             return self.give_up_step(trainer, n)
         trainer.finish_step()
