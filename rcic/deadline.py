@@ -294,6 +294,8 @@ def supervise(cmd, budget, out, recipe_name, env=None):
             if returncode == 0:
                 note_exit(Path(out), budget.elapsed(), listener.teardown_seconds(), killed=True)
             return returncode
+        if phase in ("step", "eval", "pseudo", "save"):
+            print(file=sys.stderr)   # the stage's progress bar may have left the line open
         if status.get("checkpoint_step") is None:
             # Nothing to continue from: say so, and leave the folder as it was.
             raise UserError(too_short_by_deadline(status.get("recipe", recipe_name),

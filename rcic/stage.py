@@ -288,9 +288,13 @@ class Stage:
             if k and not self.fits("micro-batch", n - k):
                 return self.give_up_step(trainer, n)
             waiting = time.perf_counter()
-            batch = next(batches)
-            computing = time.perf_counter()
-            trainer.accumulate(batch)
+            try:
+                batch = next(batches)
+                computing = time.perf_counter()
+                trainer.accumulate(batch)
+            except BaseException:
+                trainer.abandon_step()   # e.g. bad data: the state stays that of the last step
+                raise
             # A micro-batch costs its wait for data too, except the first of a new loader,
             # whose wait (the workers starting) is paid once, not by every micro-batch.
             first = fresh_loader and k == 0
