@@ -369,9 +369,9 @@ def too_short_by_deadline(recipe_name, phase, phase_seconds, budget_seconds):
     what = {"startup": "start-up", "step": "its first optimizer step", "eval": "a validation",
             "pseudo": "a pseudo-label pass", "save": "its first save",
             "teardown": "its teardown"}.get(phase, phase)
-    return (f"budget {format_duration(budget_seconds)} is too short for recipe {recipe_name} here: {what} was still "
-            f"running at the deadline ({phase_seconds:.0f} s in) and nothing was committed; give it "
-            f"at least {round_up_duration(2 * budget_seconds)}")
+    return (f"budget {format_duration(budget_seconds)} is too short for recipe {recipe_name} "
+            f"here: {what} was still running at the deadline ({phase_seconds:.0f} s in) and "
+            f"nothing was committed; give it at least {round_up_duration(2 * budget_seconds)}")
 
 
 def format_duration(seconds):

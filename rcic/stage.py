@@ -325,9 +325,10 @@ class Stage:
             need = (self.costs["startup_seconds"] + step + self.times.estimate("save")
                     + self.budget.margin) / 0.985
             parts = f" ({trainer.accum} micro-batches of ~{micro:.0f} s)" if trainer.accum > 1 else ""
+            at_least = round_up_duration(max(need, self.budget.seconds + 1))
             raise UserError(f"budget {format_duration(self.budget.seconds)} is too short for recipe "
                             f"{self.recipe.name} here: one optimizer step takes about {step:.0f} s"
-                            f"{parts}; give it at least {round_up_duration(max(need, self.budget.seconds + 1))}")
+                            f"{parts}; give it at least {at_least}")
         self.stopped_by = "budget"
         log.info("stopped before the end of step %d: the rest of it no longer fits in the budget",
                  trainer.global_step + 1)

@@ -92,7 +92,8 @@ def test_sigterm_reaches_the_stage_once(tmp_path):
 
 def test_kill_tree_takes_orphans_of_a_group_and_new_sessions(tmp_path):
     code = ("import os, subprocess, sys, time\n"
-            "s = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+            "s = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+            "                     start_new_session=True)\n"
             "w = os.fork()\n"
             "if w == 0:\n    time.sleep(60); os._exit(0)\n"
             "print(s.pid, w, flush=True); time.sleep(60)\n")

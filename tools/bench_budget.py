@@ -69,8 +69,9 @@ def main():
                         burner.wait()
                 report = report or {}
                 costs = report.get("costs", {})
-                cell = lambda key, source=costs: (f"{source[key]:.1f}" if isinstance(source.get(key), (int, float))
-                                                  else "-")
+                def cell(key):
+                    value = costs.get(key)
+                    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
                 print(f"{text:>6} {load:>5} {name:>9} {seconds:7.1f} {seconds / budget:6.3f} "
                       f"{max(0.0, seconds - budget):7.2f} {report.get('steps_this_stage', '-'):>5} "
                       f"{str(report.get('stopped_by', f'exit {code}')):>10} "
