@@ -46,6 +46,14 @@ def run_stage(budget_text, sets, out):
     return seconds, result.returncode, report, lines[-1] if lines else ""
 
 
+def stopped_by(report, code):
+    """What stopped the stage; for a kill at the deadline, also the unit it interrupted."""
+    if "stopped_by" not in report:
+        return f"exit {code}"
+    interrupted = report.get("interrupted")
+    return report["stopped_by"] + (f"/{interrupted}" if interrupted else "")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", nargs="+", default=["1m", "3m", "10m"])
@@ -74,7 +82,7 @@ def main():
                     return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
                 print(f"{text:>6} {load:>5} {name:>9} {seconds:7.1f} {seconds / budget:6.3f} "
                       f"{max(0.0, seconds - budget):7.2f} {report.get('steps_this_stage', '-'):>5} "
-                      f"{str(report.get('stopped_by', f'exit {code}')):>10} "
+                      f"{stopped_by(report, code):>10} "
                       f"{cell('startup_seconds'):>8} {cell('first_step_seconds'):>8} "
                       f"{cell('save_seconds'):>7} {cell('eval_seconds'):>6} "
                       f"{cell('teardown_seconds'):>8}", flush=True)
