@@ -8,6 +8,7 @@ Environment, used by the local dry run (`rcic-chain local`) and harmless on Kagg
   RCIC_KAGGLE_INPUT    where the attached inputs are    (default /kaggle/input)
   RCIC_KAGGLE_WORKING  where the outputs go             (default /kaggle/working)
   RCIC_SKIP_INSTALL=1  use the rcic this Python already has instead of installing the bundle
+  RCIC_SCRATCH         local disk the attached caches are expanded onto (default /tmp/rcic-scratch)
 """
 import glob
 import os

@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Subset
-from tqdm import tqdm
 
 from rcic.adabn import plate_rows, plate_statistics
 from rcic.budget import interruptible
 from rcic.data.dataset import Normalizer, SiteDataset, make_loader
 from rcic.errors import UserError
+from rcic.progress import progress
 from rcic.weights import load_weights
 
 
@@ -98,7 +98,7 @@ def site_probabilities(model, recipe, cell_types, data, sites, views, batch_size
 
     out = np.zeros((len(sites), data.n_treatments), np.float32)
     parts = plate_rows(sites) if adabn else [np.arange(len(sites))]
-    with tqdm(total=len(sites), unit="site", desc=label, disable=None, leave=False) as bar, \
+    with progress(len(sites), unit="site", desc=label) as bar, \
             eval_mode(model), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
         for rows in parts:
             own_statistics = (plate_statistics(model, ((x, c) for _, x, c in inputs(rows)))

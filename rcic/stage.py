@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from rcic import checkpoint, deadline
 from rcic.budget import USABLE_FRACTION, DurationEstimator, Interrupted, StopRequest
@@ -33,6 +32,7 @@ from rcic.config import differing_training_fields, from_dict, save_recipe
 from rcic.deadline import Reporter, format_duration, round_up_duration
 from rcic.errors import UserError
 from rcic.logs import setup_logging
+from rcic.progress import latest, progress
 from rcic.train import Trainer
 from rcic.weights import WEIGHTS_NAME, find_weights, read_weights, save_weights
 
@@ -194,8 +194,12 @@ class Stage:
         log.info("initialised from %s (not taken: %s)", candidates[0], ", ".join(skipped) or "nothing")
 
     def train(self, trainer):
-        with tqdm(total=trainer.total_steps, initial=min(trainer.global_step, trainer.total_steps),
-                  disable=not self.is_main, unit="step", dynamic_ncols=True) as bar:
+        # A live bar in a terminal; in a kernel log, a plain line every 30 s or so.
+        with progress(trainer.total_steps, min(trainer.global_step, trainer.total_steps),
+                      desc="rcic stage", disable=not self.is_main,
+                      status=lambda: {"loss": latest(trainer.history, "train_loss"),
+                                      "samples/s": self.samples_this_stage / self.train_seconds
+                                      if self.train_seconds else None}) as bar:
             self.train_loop(trainer, bar)
         if trainer.finished:
             self.stopped_by = "done"

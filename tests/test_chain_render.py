@@ -193,3 +193,53 @@ def test_plan_counts_stages_from_throughput(tmp_path, recipe, capsys):
     assert "needs 4 stage(s)" in capsys.readouterr().out
     assert main(["plan", "--config", str(recipe), "--budget", "1h"]) == 2
     assert "exactly one of" in capsys.readouterr().err
+
+
+def test_a_cache_adds_two_cpu_kernels_that_the_stages_and_submission_list(tmp_path, recipe):
+    status, out = init(tmp_path, recipe, "--cache", "32")
+    assert status == 0
+    assert json.loads((out / "chain.json").read_text())["kernels"] == [
+        "cache-train", "cache-test", "stage-01", "stage-02", "stage-03", "submit"]
+    metas = {f.name: json.loads((f / metadata.KERNEL_METADATA).read_text())
+             for f in chain.kernel_folders(out)}
+    for split in ("train", "test"):
+        meta = metas[f"cache-{split}"]
+        assert metadata.kernel_problems(meta, out / f"cache-{split}") == []
+        # A CPU kernel: no GPU, no accelerator shape, so no GPU quota.
+        assert meta["enable_gpu"] is False and "machine_shape" not in meta
+        assert meta["id"] == f"jdoe/rcic-b0-cache-{split}" and meta["kernel_sources"] == []
+        assert settings_of(out / f"cache-{split}" / "cache_kernel.py") == {
+            "kind": "cache", "split": split, "size": 32, "format": "zlib"}
+    assert metas["stage-01"]["kernel_sources"] == ["jdoe/rcic-b0-cache-train"]
+    assert metas["stage-02"]["kernel_sources"] == ["jdoe/rcic-b0-stage-01",
+                                                   "jdoe/rcic-b0-cache-train"]
+    assert metas["submit"]["kernel_sources"] == ["jdoe/rcic-b0-stage-03",
+                                                 "jdoe/rcic-b0-cache-test"]
+    assert settings_of(out / "stage-02" / "stage_kernel.py")["cache"] == 32
+    assert settings_of(out / "submit" / "submit_kernel.py")["cache"] == 32
+
+
+def test_which_caches_a_stage_lists_follows_the_recipe(tmp_path):
+    # Pseudo-labels read the test images while training: the stages list both caches.
+    pseudo = tmp_path / "pseudo.yaml"
+    pseudo.write_text(RECIPE + "pseudo:\n  enabled: true\n")
+    assert init(tmp_path / "p", pseudo, "--cache", "32")[0] == 0
+    meta = json.loads((tmp_path / "p" / "chain" / "stage-01" / metadata.KERNEL_METADATA)
+                      .read_text())
+    assert meta["kernel_sources"] == ["jdoe/rcic-b0-cache-train", "jdoe/rcic-b0-cache-test"]
+    # A recipe that reads a cache gets the cache kernels without --cache, at its image size.
+    cached = tmp_path / "cached.yaml"
+    cached.write_text("name: t\ndata:\n  image_size: 24\n  cache: /home/me/cache24\n")
+    assert init(tmp_path / "c", cached)[0] == 0
+    script = tmp_path / "c" / "chain" / "cache-train" / "cache_kernel.py"
+    assert settings_of(script)["size"] == 24
+    # No cache at all: no cache kernels.
+    assert init(tmp_path / "n", pseudo)[0] == 0
+    assert not (tmp_path / "n" / "chain" / "cache-train").exists()
+
+
+def test_a_cache_of_another_size_than_the_recipe_is_one_line(tmp_path, recipe, capsys):
+    assert init(tmp_path, recipe, "--cache", "64")[0] == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--cache 64: the recipe trains at 32 px" in err
+    assert not (tmp_path / "chain").exists()

@@ -44,7 +44,8 @@ def cmd_init(args):
     spec = chain.ChainSpec(owner=args.owner, prefix=args.prefix, stages=args.stages,
                            recipe=Path(args.config), budget=args.budget,
                            competition=args.competition, machine_shape=args.machine_shape,
-                           bundle=args.bundle, steps_per_stage=args.steps_per_stage)
+                           bundle=args.bundle, steps_per_stage=args.steps_per_stage,
+                           cache_size=args.cache)
     folders = chain.render_chain(spec, args.out)
     for folder in folders:
         print(f"{folder}  {chain.kernel_id(folder)}")
@@ -113,14 +114,24 @@ def cmd_publish_bundle(args):
 
 
 def cmd_local(args):
+    from rcic.kaggle.limits import parse_size
     from rcic.kaggle.local import run_local_chain
 
     out = Path(args.out) if args.out else Path("runs") / "local-chain"
     result = run_local_chain(args.stages, args.budget, out, recipe=args.config, data=args.data,
-                             steps_per_stage=args.steps_per_stage, grace_seconds=args.grace)
-    for k in result["kernels"]:
-        print(f"{k['name']:10s} exit {k['status']}  {k['seconds']:.1f}s")
+                             steps_per_stage=args.steps_per_stage, cache_size=args.cache,
+                             grace_seconds=args.grace,
+                             output_limit=parse_size(args.output_limit))
+    print("\n".join(result["table"]))
     print(f"submission: {result['submission']}")
+
+
+def add_cache_option(parser):
+    parser.add_argument("--cache", type=whole_number, default=0, metavar="SIZE",
+                        help="add two CPU kernels that decode the train and the test images "
+                             "once into zlib caches at SIZE px (the recipe's data.image_size); "
+                             "each stage and the submission expand them onto local disk "
+                             "(default: only when the recipe sets data.cache)")
 
 
 def build_parser():
@@ -144,6 +155,7 @@ def build_parser():
     s.add_argument("--out", required=True, help="folder to render into (new or empty)")
     s.add_argument("--steps-per-stage", type=whole_number, default=0,
                    help="also stop each stage after N optimizer steps (default 0: budget only)")
+    add_cache_option(s)
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("push", help="push the kernels in order, waiting for each; resumable")
@@ -199,6 +211,10 @@ def build_parser():
                    help="seconds past the budget before a stage is killed (default 15)")
     s.add_argument("--steps-per-stage", type=whole_number, default=0,
                    help="also stop each stage after N optimizer steps (default 0: budget only)")
+    s.add_argument("--output-limit", default="20GB",
+                   help="fail a kernel that leaves more than this in its working folder, as "
+                        "Kaggle drops such output (default 20GB; scale it down for small data)")
+    add_cache_option(s)
     s.set_defaults(func=cmd_local)
     return p
 

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from rcic.atomic import PARTIAL, write_atomic
 from rcic.data import layout, synthetic
 from rcic.data.layout import plate_key
 from rcic.data.images import decode_site
 from rcic.errors import UserError, refuse_nonempty
+from rcic.progress import progress as progress_bar
 
 FORMAT_VERSION = 1
 FORMATS = ("raw", "zlib")
@@ -203,8 +203,9 @@ def build_cache(data, out, size, workers=None, progress=True, format="raw", sour
 
     A rerun after an interruption keeps every committed plate. A folder that already holds
     this cache, complete, is verified and left as it is. `source`: a cache folder of the same
-    data and size to copy the sites from instead of decoding PNGs (e.g. expand a zlib cache
-    from a kernel's input into a raw one on local disk); the result is the same, byte for byte.
+    data and size (or an open SiteCache or CacheSet) to copy the sites from instead of decoding
+    PNGs (e.g. expand a zlib cache from a kernel's input into a raw one on local disk, see
+    expand_cache); the result is the same, byte for byte.
     `split`: 'train' or 'test' to cache only those sites (a whole RxRx1 at 256 px does not fit
     one Kaggle output even compressed); None caches both.
     """
@@ -217,7 +218,7 @@ def build_cache(data, out, size, workers=None, progress=True, format="raw", sour
         raise UserError(f"--size {size}: must be a whole number of pixels from 8 to the images' "
                         f"own size {min(native)} of {data.root}")
     out = Path(out)
-    if source is not None:
+    if isinstance(source, (str, Path)):
         if Path(source).resolve() == out.resolve():
             raise UserError(f"--from {source} is the --out folder itself: build into another --out")
         source = open_cache(source, data, size)
@@ -244,8 +245,8 @@ def build_cache(data, out, size, workers=None, progress=True, format="raw", sour
         stale.unlink(missing_ok=True)
     done_sites = len(all_sites) - sum(len(plan[name]) for name in todo)
     sites = list(all_sites.itertuples(index=False))
-    with tqdm(total=len(all_sites), initial=done_sites, unit="site", disable=not progress,
-              desc=f"rcic-cache {size}px {format}") as bar, \
+    with progress_bar(len(all_sites), done_sites, unit="site", disable=not progress,
+                      desc=f"rcic-cache {size}px {format}") as bar, \
             ProcessPoolExecutor(max_workers=workers or os.cpu_count(), initializer=start_worker,
                                 initargs=(source,)) as pool:
         jobs = {pool.submit(build_chunk, str(out), name, format, size,
@@ -372,3 +373,48 @@ def open_cache(folder, data, size, verify=True):
     index = dict(zip(keys, zip(chunk_no.astype(int), table["start"], table["end"])))
     chunk_files = [str(folder / c["file"]) for c in manifest["chunks"]]
     return SiteCache(folder, manifest["format"], size, split, chunk_files, index)
+
+
+# -- expanding --------------------------------------------------------------------------------
+class CacheSet:
+    """Several open caches of one data folder and size read as one (e.g. a train-split and a
+    test-split cache, each built by its own Kaggle kernel to fit the 20 GB output)."""
+
+    def __init__(self, caches):
+        self.caches = list(caches)
+        splits = {cache.split for cache in self.caches}
+        self.split = None if None in splits or splits == {"train", "test"} else splits.pop()
+        self.folder = ", ".join(str(cache.folder) for cache in self.caches)
+        self.owner = {key: k for k, cache in enumerate(self.caches) for key in cache.index}
+
+    def __len__(self):
+        return len(self.owner)
+
+    def read(self, id_code, site):
+        k = self.owner.get((id_code, int(site)))
+        if k is None:
+            return self.caches[0].read(id_code, site)   # its one-line error names the site
+        return self.caches[k].read(id_code, site)
+
+
+def expand_cache(sources, data, out, size, workers=None, progress=True):
+    """Copy the caches in `sources` (folders of `data` at `size` px, any format) into one raw
+    cache `out`, e.g. from a kernel's read-only input onto its fast local disk. -> out.
+
+    The sources are verified byte by byte (checksums) before a site is copied, and `out`
+    records its own checksums as it is written; a rerun into the same `out` resumes.
+    """
+    caches = [open_cache(folder, data, size) for folder in sources]
+    if not caches:
+        raise UserError("no cache to expand: attach a cache kernel's output")
+    merged = CacheSet(caches)
+    if len(merged) != sum(len(cache) for cache in caches):
+        raise UserError(f"the caches {merged.folder} overlap: attach one train and one test "
+                        f"cache, or one of both splits")
+    return build_cache(data, out, size, workers=workers, progress=progress, format="raw",
+                       source=merged, split=merged.split)
+
+
+def raw_bytes_per_site(size):
+    """Bytes one site takes in a raw cache at `size` px."""
+    return layout.CHANNELS * size * size

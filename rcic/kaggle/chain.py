@@ -5,6 +5,11 @@
     ...
     DIR/stage-NN/              lists stage NN-1 as kernel_sources: its checkpoint is the input
     DIR/submit/                submit_kernel.py + kernel-metadata.json  (lists stage NN)
+With a cache (`--cache SIZE`, or a recipe that sets data.cache), two CPU kernels come first:
+    DIR/cache-train/           cache_kernel.py: the train split as a zlib cache (its output)
+    DIR/cache-test/            the test split; each fits Kaggle's 20 GB output on its own
+and every stage lists cache-train (cache-test too when the recipe reads test images), the
+submission kernel cache-test; each expands what it lists onto its local disk.
 
 Kaggle uploads only each kernel's code file, so a kernel's settings (stage number, budget, the
 recipe's YAML text) are written into its script, replacing the template's `SETTINGS = ...` line.
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from rcic.errors import UserError
+from rcic.errors import UserError, refuse_nonempty
 from rcic.kaggle import metadata
 
 DEFAULT_COMPETITION = "recursion-cellular-image-classification"
@@ -27,7 +32,8 @@ KAGGLE_LIMIT_SECONDS = 9 * 3600
 DEFAULT_BUDGET = "8h30m"
 DEFAULT_BUNDLE = "rcic-package"           # slug of the bundle dataset (dataset-metadata.json)
 CHAIN_FILE = "chain.json"
-STAGE_SCRIPT, SUBMIT_SCRIPT = "stage_kernel.py", "submit_kernel.py"
+STAGE_SCRIPT, SUBMIT_SCRIPT, CACHE_SCRIPT = "stage_kernel.py", "submit_kernel.py", "cache_kernel.py"
+CACHE_FORMAT = "zlib"      # about half the raw bytes: a split at 256 px fits the 20 GB output
 SETTINGS_LINE = re.compile(r"^SETTINGS = .*$", re.MULTILINE)
 
 
@@ -42,6 +48,7 @@ class ChainSpec:
     machine_shape: str = DEFAULT_MACHINE_SHAPE
     bundle: str = DEFAULT_BUNDLE
     steps_per_stage: int = 0       # 0 = train until the budget; N = stop each stage after N steps
+    cache_size: int = 0            # px of the cache kernels; 0 = only if the recipe sets data.cache
 
     def validate(self):
         from rcic.budget import parse_duration
@@ -60,15 +67,28 @@ class ChainSpec:
                             f"or more")
         if self.stages < 1:
             raise UserError(f"--stages {self.stages}: a chain needs at least 1 stage")
+        recipe = load_recipe(self.recipe)    # the built-in default when None
         if self.recipe is not None:
             # A missing or broken recipe, or a model it cannot build, fails now, not on Kaggle.
             from rcic.models import create_model
-            recipe = load_recipe(self.recipe)
             create_model(recipe.model, num_classes=8, num_cell_types=4, with_pretrained=False)
+        size = recipe.data.image_size
+        if self.cache_size < 0 or self.cache_size not in (0, size):
+            raise UserError(f"--cache {self.cache_size}: the recipe trains at {size} px, and a "
+                            f"cache holds the images at the size the model sees: pass "
+                            f"--cache {size}, or change data.image_size")
         seconds = parse_duration(self.budget)
         if seconds >= KAGGLE_LIMIT_SECONDS:
             raise UserError(f"--budget {self.budget} does not fit Kaggle's 9-hour limit: leave "
                             f"room for start-up and saving, e.g. --budget {DEFAULT_BUDGET}")
+
+    def cache_plan(self):
+        """(cache px or 0, whether the stages read test images too) of this chain's recipe."""
+        from rcic.config import load_recipe
+
+        recipe = load_recipe(self.recipe)
+        size = self.cache_size or (recipe.data.image_size if recipe.data.cache else 0)
+        return size, recipe.pseudo.enabled or recipe.data.use_test_controls
 
     def stage_slug(self, k):
         return f"{self.prefix}-stage-{k:02d}"
@@ -94,9 +114,7 @@ def render_chain(spec, out):
     """Write the chain's kernel folders into `out` (which must not hold anything yet)."""
     spec.validate()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output folder {out} exists and is not empty: choose a new --out "
-                        f"or delete it first")
+    refuse_nonempty(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -107,21 +125,34 @@ def render_chain(spec, out):
     inputs = {"dataset_sources": [spec.kernel_id(spec.bundle)],
               "competition_sources": [spec.competition]}
     kernels = []
+    cache_size, stages_read_test = spec.cache_plan()
+    caches = {}
+    for split in ("train", "test") if cache_size else ():
+        slug = f"{spec.prefix}-cache-{split}"
+        # No GPU: decoding PNGs is CPU work, and a CPU kernel spends no GPU quota.
+        meta = metadata.kernel_metadata(spec.owner, slug, f"{spec.prefix} cache {split}",
+                                        CACHE_SCRIPT, gpu=False, **inputs)
+        settings = {"kind": "cache", "split": split, "size": cache_size, "format": CACHE_FORMAT}
+        kernels.append((f"cache-{split}", CACHE_SCRIPT, settings, meta))
+        caches[split] = spec.kernel_id(slug)
+    stage_caches = [caches[s] for s in ("train", "test") if s in caches
+                    and (s == "train" or stages_read_test)]
     for k in range(1, spec.stages + 1):
         slug = spec.stage_slug(k)
         settings = {"kind": "stage", "stage": k, "stages": spec.stages, "budget": spec.budget,
                     "steps": spec.steps_per_stage, "recipe_file": recipe_file,
-                    "recipe_yaml": recipe_yaml}
+                    "recipe_yaml": recipe_yaml, "cache": cache_size}
         previous = [spec.kernel_id(spec.stage_slug(k - 1))] if k > 1 else []
         meta = metadata.kernel_metadata(
             spec.owner, slug, f"{spec.prefix} stage {k:02d}", STAGE_SCRIPT, gpu=True,
-            machine_shape=spec.machine_shape, kernel_sources=previous, **inputs)
+            machine_shape=spec.machine_shape, kernel_sources=previous + stage_caches, **inputs)
         kernels.append((f"stage-{k:02d}", STAGE_SCRIPT, settings, meta))
     meta = metadata.kernel_metadata(
         spec.owner, f"{spec.prefix}-submit", f"{spec.prefix} submit", SUBMIT_SCRIPT, gpu=True,
         machine_shape=spec.machine_shape,
-        kernel_sources=[spec.kernel_id(spec.stage_slug(spec.stages))], **inputs)
-    kernels.append(("submit", SUBMIT_SCRIPT, {"kind": "submit"}, meta))
+        kernel_sources=[spec.kernel_id(spec.stage_slug(spec.stages))]
+        + ([caches["test"]] if caches else []), **inputs)
+    kernels.append(("submit", SUBMIT_SCRIPT, {"kind": "submit", "cache": cache_size}, meta))
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -131,11 +162,17 @@ def render_chain(spec, out):
         metadata.write_json(tmp / folder / metadata.KERNEL_METADATA, meta)
         metadata.check_kernel_folder(tmp / folder)
     metadata.write_json(tmp / CHAIN_FILE, {"kernels": [k[0] for k in kernels],
-                                           "budget": spec.budget, "stages": spec.stages})
+                                           "budget": spec.budget, "stages": spec.stages,
+                                           "cache": cache_size})
     if out.exists():
         out.rmdir()
     tmp.rename(out)
     return [out / k[0] for k in kernels]
+
+
+def is_stage(folder):
+    """Whether a rendered kernel folder is a training stage (not a cache or the submission)."""
+    return Path(folder).name.startswith("stage-")
 
 
 def kernel_folders(chain_dir):

@@ -61,7 +61,7 @@ def chain_status(chain_dir, api, echo=print):
             message = "; ".join(filter(None, ["not pushed from this folder", message]))
         finished = state if state in client.FINISHED else None
         report = None
-        if folder.name != "submit":
+        if chain.is_stage(folder):
             report = stage_report(api, folder, kernel, version if finished == client.COMPLETE
                                   else None)
         seconds = observed_seconds(current, now, not finished) if current else None
@@ -70,14 +70,16 @@ def chain_status(chain_dir, api, echo=print):
         shown = "-" if seconds is None else hours(seconds) + ("" if finished else " so far")
         echo(f"{folder.name:10s} {kernel}  version {version or '-'}  {state}  run time {shown}"
              + (f"  ({message})" if message else ""))
-        # Every run the chain made cost GPU time, the failed and the restarted ones too.
-        for past in record.attempts(folder.name):
+        # Every run the chain made cost GPU time, the failed and the restarted ones too; a
+        # cache kernel runs on a CPU and costs none.
+        gpu = metadata.read_json(folder / metadata.KERNEL_METADATA).get("enable_gpu", True)
+        for past in record.attempts(folder.name) if gpu else ():
             timed = seconds if past is current else observed_seconds(past, now, False)
             if timed is not None:
                 used += timed
             elif past["version"] is not None:
                 untimed += 1
-        if folder.name != "submit" and not (current and finished == client.COMPLETE):
+        if chain.is_stage(folder) and not (current and finished == client.COMPLETE):
             stages_left.append(folder.name)
         if report is not None:
             newest = report

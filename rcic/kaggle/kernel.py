@@ -7,6 +7,7 @@ hundreds of thousands of files.
 """
 import json
 import tempfile
+import time
 from pathlib import Path
 
 from rcic import search
@@ -34,8 +35,8 @@ def find_data_dir(root):
 
 
 def run_kernel(settings, input_root, working):
-    """Entry point of both kernel scripts; returns the exit status."""
-    run = run_stage if settings["kind"] == "stage" else run_submit
+    """Entry point of the kernel scripts; returns the exit status."""
+    run = {"stage": run_stage, "submit": run_submit, "cache": run_cache}[settings["kind"]]
     return cli_main(f"rcic {settings['kind']} kernel",
                     lambda _: run(settings, Path(input_root), Path(working)))
 
@@ -67,10 +68,15 @@ def run_stage(settings, input_root, working):
     print(f"rcic stage {settings['stage']}/{settings['stages']}: data {data}, "
           f"budget {settings['budget']}, earlier stages: {', '.join(previous) or 'none'}",
           flush=True)
+    cache = local_cache(settings, input_root, data, f"rcic stage {settings['stage']}")
+    if cache:   # data.cache is not a training field: the recipe hash, hence resume, holds
+        recipe.data.cache = str(cache[0])
     gpus = gpu_count()
     if gpus > 1:   # NvidiaTeslaT4 machines have two: one DDP process per GPU, on this clock
         argv = ["--data", str(data), "--out", str(working), "--budget", settings["budget"],
                 "--steps", str(steps), "--resume-from", *previous]
+        if cache:
+            argv += ["--set", f"data.cache={cache[0]}"]
         status = launch_distributed(gpus, argv + (["--config", str(recipe_file)]
                                                   if recipe_file else []), budget.start)
     else:
@@ -79,11 +85,16 @@ def run_stage(settings, input_root, working):
     report = working / "stage.json"
     if report.is_file():
         r = json.loads(report.read_text())
+        if cache:   # the expand's time is the stage's too: its report says so
+            from rcic.atomic import write_atomic
+            r["cache"] = cache[1]
+            write_atomic(report, json.dumps(r, indent=1))
         speed = r.get("samples_per_second")
         print(f"rcic stage {settings['stage']}/{settings['stages']}: "
               f"{'recipe finished' if r.get('done') else 'recipe not finished'}, "
               f"step {r.get('global_step')}, epoch {r.get('epoch')}, "
               f"{r.get('seconds_used', 0):.0f}s of {r.get('budget_seconds', 0):.0f}s used"
+              + (f" ({cache[1]['seconds']:.0f}s of them expanding the cache)" if cache else "")
               + (f", {speed:.1f} samples/s" if speed else ", no training this stage")
               + (f", about {r['stages_left_estimate']} more stage(s) needed"
                  if not r.get("done") and r.get("stages_left_estimate") is not None else ""),
@@ -106,8 +117,44 @@ def run_submit(settings, input_root, working):
             print(f"rcic submit kernel: warning: {report} says the recipe is not finished; "
                   f"predicting with the weights trained so far", flush=True)
     out = working / "submission.csv"
+    cache = local_cache(settings, input_root, data, "rcic submit kernel")
     print(f"rcic submit kernel: data {data}, weights {', '.join(map(str, weights))}", flush=True)
     setup_logging()
-    report = run_prediction(data, out, weights)
+    report = run_prediction(data, out, weights, cache=str(cache[0]) if cache else "")
     print(*(f"rcic submit kernel: {line}" for line in describe(report)), sep="\n", flush=True)
+    return 0
+
+
+def local_cache(settings, input_root, data, who):
+    """(folder, report) of the attached caches expanded onto local disk, or None without."""
+    if not settings.get("cache"):
+        return None
+    from rcic.data.cache import MANIFEST
+    from rcic.data.layout import RxRx1
+    from rcic.kaggle.scratch import expand_attached
+
+    return expand_attached(find_shallow(input_root, MANIFEST), RxRx1(data, check_images=False),
+                           settings["cache"], who, echo=lambda line: print(line, flush=True))
+
+
+def run_cache(settings, input_root, working):
+    """Decode one split of the attached competition data into a cache in the working folder."""
+    from rcic.data.cache import build_cache
+    from rcic.data.layout import RxRx1
+    from rcic.kaggle.limits import KAGGLE_OUTPUT_LIMIT, folder_bytes, human_bytes
+
+    data = find_data_dir(input_root)
+    split, size, fmt = settings["split"], settings["size"], settings["format"]
+    out = working / f"cache-{split}-{size}px"
+    print(f"rcic cache kernel: {split} sites of {data} at {size} px ({fmt}) into {out}",
+          flush=True)
+    started = time.monotonic()
+    build_cache(RxRx1(data), out, size, format=fmt, split=split)
+    size_bytes = folder_bytes(out)
+    print(f"rcic cache kernel: {human_bytes(size_bytes)} in {time.monotonic() - started:.0f}s",
+          flush=True)
+    if size_bytes > KAGGLE_OUTPUT_LIMIT:
+        raise UserError(f"the {split} cache at {size} px is {human_bytes(size_bytes)}, over "
+                        f"Kaggle's {human_bytes(KAGGLE_OUTPUT_LIMIT)} output limit, so Kaggle "
+                        f"will drop it: render the chain with a smaller --cache")
     return 0
