@@ -252,6 +252,14 @@ class Stage:
         if all_agree(reason is None, self.world, self.device):
             return True
         self.stopped_by = reason or "budget"     # another rank ran out of budget first
+        if self.stopped_by == "budget" and not self.changed:
+            # Start-up left no room for any work: this budget can never make progress.
+            startup = self.costs["startup_seconds"]
+            need = 2 * startup + self.times.estimate("save") + self.budget.margin
+            raise UserError(f"budget {format_duration(self.budget.seconds)} is too short for recipe "
+                            f"{self.recipe.name} here: start-up took {startup:.0f} s and left no "
+                            f"time for a {unit} and a save; give it at least "
+                            f"{round_up_duration(max(need, self.budget.seconds + 1))}")
         return False
 
     def batch_stop(self, kind, collective=True):
