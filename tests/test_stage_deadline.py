@@ -27,6 +27,7 @@ from rcic.budget import Interrupted
 from rcic.checkpoint import find_checkpoints
 from rcic.cli.common import open_data
 from rcic.config import load_recipe
+from rcic.data.synthetic import SynthSpec, generate
 from rcic.deadline import format_duration
 from rcic.train import Trainer
 
@@ -320,15 +321,23 @@ def test_a_step_longer_than_the_whole_budget(tiny_data, tmp_path, budget):
     assert after == before
 
 
-def test_a_validation_longer_than_what_is_left(tiny_data, tmp_path, budget):
-    """At 512 px with one image a step, a step takes seconds and a validation after it (16
-    batches of 2 sites) far longer than the rest of the budget: that validation, not yet
-    measured, starts and must stop at a batch boundary, and the stage end on time with its step
-    saved."""
+@pytest.fixture(scope="module")
+def wide_data(tmp_path_factory):
+    """Like the tiny data, with 40 classes: 192 validation sites instead of 32."""
+    spec = SynthSpec(n_classes=40, n_positive_controls=1, image_size=16, train_experiments=2,
+                     test_experiments=1, cell_types=["HUVEC", "RPE"])
+    return generate(tmp_path_factory.mktemp("wide") / "data", spec)
+
+
+def test_a_validation_longer_than_what_is_left(wide_data, tmp_path, budget):
+    """At 512 px with one image a step, a step takes a second or more and a validation after it
+    (96 batches of 2 sites) far longer than the rest of the budget, on an idle machine or a busy
+    one: that validation, not yet measured, starts and must stop at a batch boundary, and the
+    stage end on time with its step saved."""
     out = tmp_path / "out"
     sets = ["train.eval_every_steps=1", "data.image_size=512", "data.batch_size=1",
-            "data.num_workers=0"]
-    run = Run(stage_cmd(tiny_data, out, f"{budget}s", *sets)).finish()
+            "data.num_workers=0", "train.checkpoint_every_steps=1"]
+    run = Run(stage_cmd(wide_data, out, f"{budget}s", *sets)).finish()
     assert run.seconds < budget, f"{run.seconds:.1f} s for a {budget} s budget"
     assert run.proc.returncode == 0, run.err[-2000:]
     report = json.loads((out / "stage.json").read_text())
