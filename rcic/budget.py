@@ -150,6 +150,23 @@ class DurationEstimator:
         self.record(kind, time.perf_counter() - began)
 
 
+class Interrupted(Exception):
+    """A long pass (validation, pseudo-labels) stopped at a batch boundary: nothing of it is kept."""
+
+
+def interruptible(batches, stop=None):
+    """Yield from `batches`, asking `stop()` before taking each one (None: never asked); raise
+    Interrupted when it says so. Asked before a batch is taken, so a stop wastes none."""
+    iterator = iter(batches)
+    while stop is None or not stop():
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        yield batch
+    raise Interrupted()
+
+
 class StopRequest:
     """SIGTERM and SIGINT set `requested` instead of killing, so the loop can finish its step,
     save and exit 0. A second signal means the user insists: the old handlers come back and the

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Subset
 
 from rcic.adabn import plate_rows, plate_statistics
+from rcic.budget import interruptible
 from rcic.data.dataset import Normalizer, SiteDataset, make_loader
 from rcic.errors import UserError
 from rcic.progress import progress
@@ -70,7 +71,8 @@ def eval_mode(model):
 
 @torch.inference_mode()
 def site_probabilities(model, recipe, cell_types, data, sites, views, batch_size, device,
-                       workers=0, cache="", adabn=False, label="predict", average_by=None):
+                       workers=0, cache="", adabn=False, label="predict", average_by=None,
+                       stop=None):
     """Probabilities of the rows of `sites`, float32 [rows, n_treatments]: one row per site;
     with `average_by` (an output row for each row of `sites`, e.g. its well's from
     pd.factorize(sites["id_code"])) the mean over the sites that share an output row.
@@ -83,6 +85,7 @@ def site_probabilities(model, recipe, cell_types, data, sites, views, batch_size
     cache, or "" for the PNGs) is used instead. cell_types: the model's cell-type embedding order.
     adabn: predict plate by plate, each with BatchNorm statistics of its own images (adabn.py);
     the plate's images are then read twice, once to measure them and once to predict.
+    stop: asked before each batch (rcic.budget.interruptible); raises Interrupted when it says so.
     """
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, cache=cache))
     dataset = SiteDataset(data, sites, recipe, train=False, cell_types=cell_types)
@@ -93,7 +96,7 @@ def site_probabilities(model, recipe, cell_types, data, sites, views, batch_size
         """(batch, normalised images, cell types) of the given rows, batch by batch."""
         loader = make_loader(Subset(dataset, rows), batch_size=batch_size, num_workers=workers,
                              pin_memory=device.type == "cuda")
-        for batch in loader:
+        for batch in interruptible(loader, stop):
             images = batch["image"].to(device, non_blocking=True)
             x = normalize(images, batch["norm_idx"].to(device))
             yield batch, x, batch["cell_type"].to(device)

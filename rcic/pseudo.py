@@ -24,14 +24,15 @@ def schedule_fraction(pseudo_cfg, epoch):
     return min(pseudo_cfg.max_fraction, grown)
 
 
-def choose_pseudo_labels(model, data, recipe, cell_types, device, fraction, batch_size):
-    """DataFrame id_code, sirna, confidence: the most confident assigned test wells."""
+def choose_pseudo_labels(model, data, recipe, cell_types, device, fraction, batch_size, stop=None):
+    """DataFrame id_code, sirna, confidence: the most confident assigned test wells. `stop()` is
+    asked before each batch of the pass over the test set (rcic.budget.interruptible)."""
     sites = data.test_sites(recipe.data.cell_types)
     wells = sites.drop_duplicates("id_code").reset_index(drop=True)
     well_of, _ = pd.factorize(sites["id_code"])           # rows in the order of `wells`
     probs = site_probabilities(model, recipe, cell_types, data, sites, views(1), batch_size,
                                device, cache=recipe.data.cache, label="pseudo-labels",
-                               average_by=well_of)
+                               average_by=well_of, stop=stop)
     structure = PlateStructure.learn(data.wells, data.n_treatments)
     sirna = plate_step("assign", wells, probs, structure)
     confidence = probs[np.arange(len(wells)), sirna]

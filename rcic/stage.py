@@ -1,9 +1,17 @@
 """One stage: resume, train while the budget allows, save, report.
 
-The contract (README.md): the stage never runs past its budget. Before each optimizer step,
-each validation and each periodic save it asks whether that work *plus the final save* still
-fits, using measured durations. Whatever happens it leaves a committed checkpoint, the
-inference weights, `stage.json`, `metrics.csv`, `curves.png` and `stage.log` in its folder.
+The stage never runs past its budget. Two layers keep that promise:
+
+- Here, before each unit of work (a micro-batch, an optimizer step, a batch of a validation or
+  pseudo-label pass, a save) the loop asks whether that work *plus the final save* still fits,
+  using measured durations. A step is given up between micro-batches (and undone); a long pass
+  stops at a batch boundary; the stage's first micro-batch is measured before a step is trusted.
+- Around it, the supervisor (rcic/deadline.py) kills the stage's whole process tree at the
+  deadline when a unit of work never returns (a hung loader worker, a stalled save, a dead rank).
+
+Whatever happens the newest committed checkpoint stays in the output folder; a stage that ends
+by itself also leaves the inference weights, `stage.json`, `metrics.csv`, `curves.png` and
+`stage.log` there.
 """
 import csv
 import json
@@ -18,9 +26,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rcic import checkpoint
-from rcic.budget import USABLE_FRACTION, DurationEstimator, StopRequest
+from rcic import checkpoint, deadline
+from rcic.budget import USABLE_FRACTION, DurationEstimator, Interrupted, StopRequest
 from rcic.config import differing_training_fields, from_dict, save_recipe
+from rcic.deadline import Reporter, format_duration, round_up_duration
 from rcic.errors import UserError
 from rcic.logs import setup_logging
 from rcic.progress import latest, progress
@@ -28,44 +37,39 @@ from rcic.train import Trainer
 from rcic.weights import WEIGHTS_NAME, find_weights, read_weights, save_weights
 
 log = logging.getLogger("rcic")
-SUMMARY_KEYS = ("done", "global_step", "total_steps", "epoch", "seconds_used",
-                "samples_per_second", "stages_left_estimate")
 
 
-def run_stage(recipe, data, out, budget, resume_roots, max_steps=0, quiet=False):
+def run_stage(recipe, data, out, budget, resume_roots, max_steps=0, quiet=False, gpus=1):
     """Train one stage of `recipe` on `data` (an RxRx1) into `out`; returns its report (the
-    content of stage.json). Under torchrun this is one rank of the stage: rank 0 alone writes.
+    content of stage.json).
+
+    Called by a program (rcic-stage, a Kaggle kernel), it runs the stage in a child process (under
+    torchrun with `gpus` > 1) that a supervisor ends at the deadline whatever it is doing
+    (rcic/deadline.py); a stage that failed has said why on stderr: SystemExit with its status.
+    In that child, and in each of its ranks, it trains: rank 0 alone writes.
 
     resume_roots: folders searched for this recipe's newest checkpoint (`out` is added).
     max_steps: stop after that many optimizer steps even with budget left (0: no limit).
     """
     out = Path(out)
-    roots = [*resume_roots, out]
+    if not deadline.supervised():
+        status = deadline.supervise_stage(recipe, data.root, out, budget, resume_roots, max_steps,
+                                          quiet, gpus)
+        if status:
+            raise SystemExit(status)
+        return json.loads((out / "stage.json").read_text())
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        check_writable(out)
     setup_logging(out / "stage.log" if rank == 0 else None, quiet or rank > 0)
-    return Stage(recipe, data, out, budget, roots, max_steps).run()
+    return Stage(recipe, data, out, budget, [*resume_roots, out], max_steps).run()
 
 
 def launch_distributed(gpus, stage_argv, start):
-    """Run the rcic-stage command `stage_argv` under torchrun, one process per GPU, all on the
-    clock that started at `start` (epoch seconds); returns its exit status."""
+    """Run the rcic-stage command `stage_argv` with one DDP process per GPU (torchrun, under
+    rcic-stage's supervisor), all on the clock that started at `start` (epoch seconds);
+    returns its exit status."""
     env = dict(os.environ, RCIC_START_TIME=repr(start))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={gpus}", "-m", "rcic.cli.stage", *stage_argv]
+    cmd = [sys.executable, "-m", "rcic.cli.stage", f"--gpus={gpus}", *stage_argv]
     return subprocess.run(cmd, env=env).returncode
-
-
-def check_writable(out):
-    """Fail before any work if the output folder cannot take files."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".rcic-write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"output folder {out} is not writable ({err.strerror}): pass a writable --out")
 
 
 def find_resume_point(roots, recipe):
@@ -112,33 +116,53 @@ def all_agree(flag, world, device):
 
 
 class Stage:
+    """Train one stage of a recipe: what happens next is always one of eval, pseudo, step, save
+    or stop (`train_loop`), each asked of the budget first."""
+
     def __init__(self, recipe, data, out, budget, resume_roots, max_steps=0):
         self.recipe, self.data, self.out, self.budget = recipe, data, Path(out), budget
         self.max_steps = max_steps    # optimizer steps this stage may take (0 = no limit)
         self.resume_roots = resume_roots
         self.times = DurationEstimator()
-        self.stop = StopRequest()
         self.world, self.rank, self.device = setup_distributed()
         self.is_main = self.rank == 0
+        self.reporter = Reporter() if self.is_main else Reporter("")
+        self.stop = None              # the StopRequest while run() runs
+        self.stopped_by = None        # "done", "budget", "signal" or "steps"
         self.steps_this_stage = 0
         self.samples_this_stage = 0
         self.train_seconds = 0.0
         self.resumed_from = None
+        self.checkpoint_step = None   # the step of the newest checkpoint committed in `out`
         self.changed = False          # trained or evaluated anything in this stage
-        self.save_seconds = 0.0
-
-    # -- budget -----------------------------------------------------------------------------
-    def fits(self, kind):
-        """Does one more unit of `kind` plus the final save still fit in the budget?"""
-        # Before the first step is measured nothing is known about it; the final save is.
-        default = self.times.estimate("eval", 0.0) * self.n_test_per_val if kind == "pseudo" else 0.0
-        need = self.times.estimate(kind, default=default) + self.times.estimate("save")
-        return all_agree(self.budget.fits(need) and not self.stop.requested, self.world, self.device)
+        # Where the budget went: the fixed costs of a stage, besides its steps.
+        self.costs = {"startup_seconds": None, "first_step_seconds": None, "save_seconds": 0.0,
+                      "saves": 0, "eval_seconds": 0.0, "evals": 0, "pseudo_seconds": 0.0,
+                      "pseudo_passes": 0, "teardown_estimate_seconds": self.budget.margin}
 
     # -- run --------------------------------------------------------------------------------
     def run(self):
-        if self.is_main:
-            check_writable(self.out)
+        # SIGTERM / SIGINT become a polite stop for exactly as long as the stage trains.
+        with StopRequest() as self.stop:
+            trainer = self.start()
+            try:
+                self.train(trainer)
+            except UserError:
+                # Bad data found mid-run (a PNG whose body is corrupt): keep the steps trained so
+                # far, then report. A step that was under way has been abandoned (`step`).
+                if self.changed and self.world == 1:
+                    try:
+                        self.save(trainer)
+                    except UserError:
+                        pass      # the save itself failed (e.g. a full disk): report the first error
+                raise
+            self.finish(trainer)
+        return self.report(trainer)
+
+    def start(self):
+        """The trainer, resumed from the newest checkpoint of the recipe (carried into `out` at
+        once, so the newest commit is in place whatever happens later) or freshly initialised."""
+        self.tell("startup")
         ref = find_resume_point(self.resume_roots, self.recipe)
         # Pretrained weights matter only for a fresh start: a resumed stage (or a Kaggle kernel
         # without the weights file attached) takes every weight from the checkpoint.
@@ -148,27 +172,17 @@ class Stage:
             trainer.load_state_dict(checkpoint.load_state(ref))
             self.resumed_from = ref
             log.info("resumed from %s (step %d, epoch %d)", ref.path, trainer.global_step, trainer.epoch)
+            if self.is_main and ref.path.parent.resolve() != self.out.resolve():
+                checkpoint.copy_checkpoint(ref, self.out)
+            self.checkpoint_step = ref.step
         elif self.recipe.train.init_from:
             self.init_from(trainer)
         else:
             log.info("no checkpoint of recipe %s found: starting from scratch", self.recipe.name)
-        self.seed_estimates(trainer)
-        try:
-            self.train(trainer)
-        except UserError:
-            # Bad data found mid-run (a PNG whose body is corrupt): keep the steps trained so
-            # far, then report. The error surfaces while a step's batches are being read, so
-            # the trainer holds the state after its last whole step.
-            if self.changed and self.world == 1:
-                try:
-                    self.save(trainer)
-                except UserError:
-                    pass          # the save itself failed (e.g. a full disk): report the first error
-            raise
-        finally:
-            self.stop.restore()
-        self.finish(trainer)
-        return self.report(trainer)
+        # A save writes about 3x the weights: a guess until the first save is measured.
+        n_bytes = sum(p.numel() * p.element_size() for p in trainer.raw_model.parameters())
+        self.times.seed("save", 1.0 + 3 * n_bytes / 50e6)
+        return trainer
 
     def init_from(self, trainer):
         source = Path(self.recipe.train.init_from)
@@ -179,15 +193,6 @@ class Stage:
         skipped = trainer.init_from_weights(read_weights(candidates[0])["model"])
         log.info("initialised from %s (not taken: %s)", candidates[0], ", ".join(skipped) or "nothing")
 
-    def seed_estimates(self, trainer):
-        """Guesses used until the first real measurements: a save writes about 3x the weights."""
-        n_bytes = sum(p.numel() * p.element_size() for p in trainer.raw_model.parameters())
-        self.times.seed("save", 1.0 + 3 * n_bytes / 50e6)
-        self.times.seed("eval", 0.0)
-        # Choosing pseudo-labels predicts the test set: guessed from the validation time.
-        n_test = len(self.data.test_sites(self.recipe.data.cell_types))
-        self.n_test_per_val = n_test / max(1, len(trainer.val_set))
-
     def train(self, trainer):
         # A live bar in a terminal; in a kernel log, a plain line every 30 s or so.
         with progress(trainer.total_steps, min(trainer.global_step, trainer.total_steps),
@@ -196,77 +201,209 @@ class Stage:
                                       "samples/s": self.samples_this_stage / self.train_seconds
                                       if self.train_seconds else None}) as bar:
             self.train_loop(trainer, bar)
+        if trainer.finished:
+            self.stopped_by = "done"
 
     def train_loop(self, trainer, bar):
-        interval = self.recipe.train.checkpoint_every_steps
-        eval_every = self.recipe.train.eval_every_steps
+        """Until the recipe is done: evaluate, choose pseudo-labels or take a step, whichever is
+        due, once the budget says it may start; save and evaluate on the recipe's schedule."""
+        self.costs["startup_seconds"] = round(self.budget.elapsed(), 3)
+        batches = None                 # the open epoch's micro-batches (one loader an epoch)
         while not trainer.finished:
-            if trainer.pending_eval:
-                if not self.fits("eval"):
-                    break
-                self.evaluate(trainer)
-                continue
-            if trainer.pending_pseudo:
-                if not self.fits("pseudo"):
-                    break
-                with self.times.timer("pseudo"):
-                    n = trainer.refresh_pseudo()
-                self.changed = True
-                log.info("epoch %d: %d pseudo-labelled test wells join the training set",
-                         trainer.epoch, n)
-                continue
-            stopped = False
-            last = time.perf_counter()
-            for group in trainer.step_groups():
-                if trainer.global_step >= trainer.total_steps:
-                    break
-                if not self.fits("step") or self.steps_this_stage == (self.max_steps or -1):
-                    stopped = True
-                    break
-                trainer.train_step(group)
-                self.changed = True
-                now = time.perf_counter()
-                # The step's duration includes waiting for its data: that is what the budget pays.
-                self.times.record("step", now - last)
-                self.train_seconds += now - last
-                self.steps_this_stage += 1
-                self.samples_this_stage += sum(len(b["label"]) for b in group) * self.world
-                bar.update(1)
-                bar.set_postfix(epoch=trainer.epoch, left=f"{self.budget.remaining() / 60:.1f}m")
-                if interval and trainer.global_step % interval == 0 and self.fits("save"):
+            unit = "eval" if trainer.pending_eval else "pseudo" if trainer.pending_pseudo else "step"
+            if not self.may_start(unit):
+                return
+            if unit == "eval":
+                if not self.evaluate(trainer):
+                    return
+            elif unit == "pseudo":
+                if not self.refresh_pseudo(trainer):
+                    return
+                batches = None         # the training set has changed
+            else:
+                fresh = batches is None
+                batches = trainer.micro_batches() if fresh else batches
+                if not self.step(trainer, batches, bar, fresh):
+                    return
+                if trainer.batch_in_epoch == 0:
+                    batches = None     # the epoch is over
+                if self.due(trainer, self.recipe.train.checkpoint_every_steps) and self.fits("save"):
                     self.save(trainer)
-                if eval_every and trainer.global_step % eval_every == 0 and self.fits("eval"):
-                    self.evaluate(trainer)
-                last = time.perf_counter()
-                if trainer.pending_eval:
-                    break
-            if stopped:
-                break
-            if trainer.global_step >= trainer.total_steps and not trainer.pending_eval:
-                break
+                if self.due(trainer, self.recipe.train.eval_every_steps) and self.fits("eval") \
+                        and not self.evaluate(trainer):
+                    return
+
+    # -- the budget ---------------------------------------------------------------------------
+    def fits(self, kind, count=1):
+        """Do `count` more units of `kind` and the final save fit in the budget (all ranks)?"""
+        need = count * self.times.estimate(kind, default=0.0) + self.times.estimate("save")
+        return all_agree(self.budget.fits(need), self.world, self.device)
+
+    def may_start(self, unit):
+        """May one more `unit` start? When not, `stopped_by` says why."""
+        if self.stop.requested:
+            reason = "signal"
+        elif unit == "step" and self.max_steps and self.steps_this_stage >= self.max_steps:
+            reason = "steps"
+        elif not self.budget.fits(self.times.estimate(unit, default=0.0) + self.times.estimate("save")):
+            reason = "budget"
+        else:
+            reason = None
+        if all_agree(reason is None, self.world, self.device):
+            return True
+        self.stopped_by = reason or "budget"     # another rank ran out of budget first
+        if self.stopped_by == "budget" and not self.changed:
+            # Start-up left no room for any work: this budget can never make progress.
+            startup = self.costs["startup_seconds"]
+            need = 2 * startup + self.times.estimate("save") + self.budget.margin
+            raise UserError(f"budget {format_duration(self.budget.seconds)} is too short for recipe "
+                            f"{self.recipe.name} here: start-up took {startup:.0f} s and left no "
+                            f"time for a {unit} and a save; give it at least "
+                            f"{round_up_duration(max(need, self.budget.seconds + 1))}")
+        return False
+
+    def batch_stop(self, kind, collective=True):
+        """`stop()` for a long pass: it times the pass's batches (the gap between two asks) as
+        `kind` and says stop when one more batch and the final save no longer fit."""
+        last = [None]
+
+        def stop():
+            now = time.perf_counter()
+            if last[0] is not None:
+                self.times.record(kind, now - last[0])
+            last[0] = now
+            fits = self.budget.fits(self.times.estimate(kind, 0.0) + self.times.estimate("save"))
+            return not (all_agree(fits, self.world, self.device) if collective else fits)
+        return stop
+
+    @staticmethod
+    def due(trainer, every):
+        return bool(every) and trainer.global_step % every == 0
+
+    def tell(self, phase, trainer=None):
+        """Tell the supervisor (rcic.deadline) what starts now, and the stage's numbers so far."""
+        self.reporter.tell(phase, self.summary(trainer) if trainer is not None else
+                           {"recipe": self.recipe.name, "checkpoint_step": self.checkpoint_step,
+                            "budget_seconds": self.budget.seconds, "costs": dict(self.costs)})
+
+    # -- the units of work ----------------------------------------------------------------------
+    def step(self, trainer, batches, bar, fresh_loader):
+        """One optimizer step, micro-batch by micro-batch. Between micro-batches the budget is
+        asked whether the rest of the step and the final save fit; if not, the step is undone
+        and False returned. The stage's first micro-batch is measured before the step is
+        trusted: when not even one step fits in this budget, that is one line (UserError)."""
+        self.tell("step", trainer)
+        began, seen = time.perf_counter(), trainer.samples_seen
+        n = trainer.micro_batches_per_step
+        trainer.begin_step()
+        for k in range(n):
+            if k and not self.fits("micro-batch", n - k):
+                return self.give_up_step(trainer, n)
+            waiting = time.perf_counter()
+            try:
+                batch = next(batches)
+                computing = time.perf_counter()
+                trainer.accumulate(batch)
+            except BaseException:
+                trainer.abandon_step()   # e.g. bad data: the state stays that of the last step
+                raise
+            # A micro-batch costs its wait for data too, except the first of a new loader,
+            # whose wait (the workers starting) is paid once, not by every micro-batch.
+            first = fresh_loader and k == 0
+            self.times.record("micro-batch", time.perf_counter() - (computing if first else waiting))
+        if self.steps_this_stage == 0 and n == 1 and not self.fits("micro-batch", 0):
+            return self.give_up_step(trainer, n)
+        trainer.finish_step()
+        self.changed = True
+        seconds = time.perf_counter() - began
+        self.times.record("step", seconds)
+        if self.steps_this_stage == 0:
+            self.costs["first_step_seconds"] = round(seconds, 3)
+        self.train_seconds += seconds
+        self.steps_this_stage += 1
+        self.samples_this_stage += trainer.samples_seen - seen
+        bar.update(1)
+        bar.set_postfix(epoch=trainer.epoch, left=f"{self.budget.remaining() / 60:.1f}m")
+        return True
+
+    def give_up_step(self, trainer, n):
+        """Undo the step under way. In a stage that has done nothing yet, the budget cannot hold
+        even one step: say so, and how much it would take, instead of saving nothing new."""
+        trainer.abandon_step()
+        if not self.changed:
+            micro = self.times.estimate("micro-batch")
+            step = micro * trainer.accum
+            # The budget must hold what start-up took, a step, a save and the margins.
+            need = (self.costs["startup_seconds"] + step + self.times.estimate("save")
+                    + self.budget.margin) / 0.985
+            parts = f" ({trainer.accum} micro-batches of ~{micro:.0f} s)" if trainer.accum > 1 else ""
+            at_least = round_up_duration(max(need, self.budget.seconds + 1))
+            raise UserError(f"budget {format_duration(self.budget.seconds)} is too short for recipe "
+                            f"{self.recipe.name} here: one optimizer step takes about {step:.0f} s"
+                            f"{parts}; give it at least {at_least}")
+        self.stopped_by = "budget"
+        log.info("stopped before the end of step %d: the rest of it no longer fits in the budget",
+                 trainer.global_step + 1)
+        return False
 
     def evaluate(self, trainer):
-        with self.times.timer("eval"):
-            row = trainer.evaluate()
+        """A validation pass; False when the budget stopped it at a batch boundary (an epoch's
+        validation then stays pending: the next stage runs it from the start)."""
+        self.tell("eval", trainer)
+        started = time.perf_counter()
+        try:
+            with self.times.timer("eval"):
+                row = trainer.evaluate(stop=self.batch_stop("eval-batch"))
+        except Interrupted:
+            self.stopped_by = "budget"
+            log.info("validation at step %d stopped: the rest of it no longer fits in the budget",
+                     trainer.global_step)
+            return False
+        finally:
+            self.costs["eval_seconds"] += time.perf_counter() - started
+        self.costs["evals"] += 1
         self.changed = True
         log.info("step %d epoch %d: val_loss %.4f val_acc %.4f", row["step"], row["epoch"],
                  row["val_loss"], row["val_acc"])
+        return True
+
+    def refresh_pseudo(self, trainer):
+        """Choose this epoch's pseudo-labels; False when the budget stopped the pass (the labels
+        stay due: the next stage chooses them from the start, with the same weights)."""
+        self.tell("pseudo", trainer)
+        started = time.perf_counter()
+        try:
+            with self.times.timer("pseudo"):
+                # Rank 0 alone predicts, so it alone asks the budget (no collective per batch).
+                n = trainer.refresh_pseudo(stop=self.batch_stop("pseudo-batch", collective=False))
+        except Interrupted:
+            self.stopped_by = "budget"
+            log.info("pseudo-labelling stopped: the rest of it no longer fits in the budget")
+            return False
+        finally:
+            self.costs["pseudo_seconds"] += time.perf_counter() - started
+        self.costs["pseudo_passes"] += 1
+        self.changed = True
+        log.info("epoch %d: %d pseudo-labelled test wells join the training set", trainer.epoch, n)
+        return True
 
     # -- saving -----------------------------------------------------------------------------
     def save(self, trainer):
         """Every rank gathers the state (it holds every rank's RNG); rank 0 alone writes."""
+        self.tell("save", trainer)
         started = time.perf_counter()
         with self.times.timer("save"):
             state = trainer.state_dict()
-            if not self.is_main:
-                return
-            checkpoint.save_checkpoint(
-                self.out, state, step=trainer.global_step, epoch=trainer.epoch,
-                recipe_hash=self.recipe.training_hash(), done=trainer.finished,
-                info={"recipe": self.recipe.to_dict(), "name": self.recipe.name})
-            save_weights(self.out / WEIGHTS_NAME, trainer.inference_model(), self.recipe,
-                         self.weights_meta(trainer))
-        self.save_seconds += time.perf_counter() - started
+            if self.is_main:
+                checkpoint.save_checkpoint(
+                    self.out, state, step=trainer.global_step, epoch=trainer.epoch,
+                    recipe_hash=self.recipe.training_hash(), done=trainer.finished,
+                    info={"recipe": self.recipe.to_dict(), "name": self.recipe.name})
+                self.checkpoint_step = trainer.global_step
+                save_weights(self.out / WEIGHTS_NAME, trainer.inference_model(), self.recipe,
+                             self.weights_meta(trainer))
+        self.costs["save_seconds"] += time.perf_counter() - started
+        self.costs["saves"] += 1
 
     def weights_meta(self, trainer):
         return {"n_treatments": self.data.n_treatments, "num_classes": trainer.num_classes,
@@ -274,24 +411,25 @@ class Stage:
                 "done": trainer.finished}
 
     def finish(self, trainer):
-        """The final save; a stage that changed nothing carries its checkpoint forward, so the
-        next kernel of a chain (which sees only this kernel's output) still finds it."""
+        """The final save. A stage that changed nothing has its checkpoint in `out` already
+        (carried at start), so the next kernel of a chain (which sees only this kernel's
+        output) finds it; it writes the inference weights beside it."""
         if self.changed or self.resumed_from is None:
             self.save(trainer)
         elif self.is_main:
-            if self.resumed_from.path.parent.resolve() != self.out.resolve():
-                checkpoint.copy_checkpoint(self.resumed_from, self.out)
             save_weights(self.out / WEIGHTS_NAME, trainer.inference_model(), self.recipe,
                          self.weights_meta(trainer))
         if self.world > 1:
             dist.barrier()
 
     # -- reports ----------------------------------------------------------------------------
-    def report(self, trainer):
+    def summary(self, trainer):
+        """The stage's numbers: what stage.json holds, and what the supervisor keeps of it."""
         steps_left = max(0, trainer.total_steps - trainer.global_step)
         step_time = self.times.estimate("step") if self.steps_this_stage else 0.0
         usable = max(1.0, self.budget.seconds * USABLE_FRACTION)
-        report = {
+        costs = {k: round(v, 3) if isinstance(v, float) else v for k, v in self.costs.items()}
+        return {
             "done": trainer.finished,
             "recipe": self.recipe.name,
             "recipe_hash": self.recipe.training_hash(),
@@ -299,6 +437,7 @@ class Stage:
             "total_steps": trainer.total_steps,
             "epoch": trainer.epoch,
             "steps_this_stage": self.steps_this_stage,
+            "checkpoint_step": self.checkpoint_step,
             "seconds_used": round(self.budget.elapsed(), 3),
             "budget_seconds": self.budget.seconds,
             "samples_per_second": round(self.samples_this_stage / self.train_seconds, 2)
@@ -307,9 +446,15 @@ class Stage:
             (math.ceil(steps_left * step_time / usable) if step_time else None),
             "resumed_from": str(self.resumed_from.path) if self.resumed_from else None,
             "last_eval": next((r for r in reversed(trainer.history) if "val_acc" in r), None),
-            "stopped_by_signal": self.stop.requested,
-            "seconds_saving": round(self.save_seconds, 3),
+            "stopped_by": self.stopped_by,
+            "stopped_by_signal": self.stopped_by == "signal",
+            "seconds_saving": costs["save_seconds"],
+            "costs": costs,
         }
+
+    def report(self, trainer):
+        self.tell("teardown", trainer)
+        report = self.summary(trainer)
         if self.is_main:
             self.write_reports(trainer, report)
         return report

@@ -3,8 +3,10 @@
 `Trainer` owns everything an exact continuation needs and hands it out as one `state_dict()`.
 It knows nothing about budgets or files: `stage.py` decides when to step, evaluate and save.
 
-One optimizer step = `accumulation_steps` micro-batches. Checkpoints are only taken between
-optimizer steps, so no half-accumulated gradient ever needs saving.
+One optimizer step = `accumulation_steps` micro-batches (`begin_step`, `accumulate` each,
+`finish_step`); the stage may give a step up between micro-batches (`abandon_step`), which undoes
+everything the step changed. Checkpoints are only taken between optimizer steps, so no
+half-accumulated gradient ever needs saving.
 """
 import contextlib
 import random
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from rcic.adabn import plate_rows, plate_statistics
+from rcic.budget import Interrupted, interruptible
 from rcic.data.layout import N_CONTROL_CLASSES, plate_key
 from rcic.data.dataset import EpochBatchSampler, Normalizer, SiteDataset, make_loader
 from rcic.errors import UserError
@@ -140,6 +143,8 @@ class Trainer:
         self.history = []             # one dict per logged step or evaluation
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_count = 0
+        self._micro_done = 0          # micro-batches of the step in progress
+        self._undo = None             # what abandon_step restores (begin_step keeps it)
 
     @property
     def pending_pseudo(self):
@@ -147,15 +152,25 @@ class Trainer:
         return (schedule_fraction(self.recipe.pseudo, self.epoch) > 0 and self.batch_in_epoch == 0
                 and self.pseudo_epoch != self.epoch and self.global_step < self.total_steps)
 
-    def refresh_pseudo(self):
-        """Choose this epoch's pseudo-labels with the current weights (rank 0 decides)."""
+    def refresh_pseudo(self, stop=None):
+        """Choose this epoch's pseudo-labels with the current weights (rank 0 decides). `stop()`
+        is asked by rank 0 before each batch; when it says so every rank raises Interrupted."""
         labels = [None]
         if self.rank == 0:
-            labels[0] = choose_pseudo_labels(
-                self.inference_model(), self.data, self.recipe, self.cell_types, self.device,
-                schedule_fraction(self.recipe.pseudo, self.epoch), self.recipe.data.batch_size * 2)
+            before = rng_state()
+            try:
+                labels[0] = choose_pseudo_labels(
+                    self.inference_model(), self.data, self.recipe, self.cell_types, self.device,
+                    schedule_fraction(self.recipe.pseudo, self.epoch),
+                    self.recipe.data.batch_size * 2, stop=stop)
+            except Interrupted:
+                # The pass drew from the RNG (its loader's seed): undo that, so that the pass
+                # the next stage makes draws the same. labels[0] stays None: every rank stops.
+                set_rng_state(before)
         if self.world > 1:
             dist.broadcast_object_list(labels, src=0)
+        if labels[0] is None:
+            raise Interrupted()
         self.pseudo_labels, self.pseudo_epoch = labels[0], self.epoch
         self.build_train_set()
         return len(labels[0])
@@ -236,18 +251,16 @@ class Trainer:
         return make_loader(dataset, num_workers=self.recipe.data.num_workers,
                            pin_memory=self.on_gpu, generator=torch.Generator(), **kwargs)
 
-    def step_groups(self):
-        """Yield the micro-batch groups of one optimizer step each, for the rest of the epoch."""
+    def micro_batches(self):
+        """An iterator over the micro-batches of the rest of this epoch (one loader for them)."""
         set_backbone_trainable(self.raw_model, self.epoch >= self.recipe.optim.freeze_backbone_epochs)
-        loader = self._loader(self.train_set, batch_sampler=self._sampler(
-            self.epoch, self.batch_in_epoch, self.batches_per_epoch))
-        group = []
-        for batch in loader:
-            group.append(batch)
-            position = self.batch_in_epoch + len(group)
-            if len(group) == self.accum or position == self.batches_per_epoch:
-                yield group
-                group = []
+        return iter(self._loader(self.train_set, batch_sampler=self._sampler(
+            self.epoch, self.batch_in_epoch, self.batches_per_epoch)))
+
+    @property
+    def micro_batches_per_step(self):
+        """How many micro-batches the next optimizer step takes (fewer at an epoch's end)."""
+        return min(self.accum, self.batches_per_epoch - self.batch_in_epoch)
 
     def _to_device(self, batch):
         images = batch["image"].to(self.device, non_blocking=True)
@@ -257,22 +270,50 @@ class Trainer:
                 batch["cell_type"].to(self.device, non_blocking=True),
                 batch["norm_idx"].to(self.device, non_blocking=True))
 
-    def train_step(self, group):
-        """Forward, backward and one optimizer step over a group of micro-batches."""
+    def begin_step(self):
+        """Start an optimizer step. What its micro-batches change before the optimizer runs (the
+        RNG, BatchNorm statistics, the running loss) is kept aside, so `abandon_step` can undo it."""
         self.model.train()
-        for i, batch in enumerate(group):
-            images, labels, cell_types, norm_idx = self._to_device(batch)
-            last = i == len(group) - 1
-            # Under DDP, gradients are only all-reduced on the last micro-batch of the group.
-            sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
-            with sync, torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                x = self.normalize_train(images, norm_idx)
-                loss = self.criterion(self.model(x, cell_types), labels) / len(group)
-            with sync:
-                self.scaler.scale(loss).backward()
-            self._loss_sum += loss.detach() * len(group)
-            self._loss_count += 1
-            self.samples_seen += len(labels) * self.world
+        self._micro_done = 0
+        self._undo = None
+        if self.micro_batches_per_step > 1:
+            self._undo = {"rng": rng_state(), "loss_sum": self._loss_sum.clone(),
+                          "loss_count": self._loss_count, "samples_seen": self.samples_seen,
+                          "buffers": [b.detach().clone() for b in self.raw_model.buffers()]}
+
+    def accumulate(self, batch):
+        """Forward and backward of one micro-batch; the gradients add up until `finish_step`."""
+        n = self.micro_batches_per_step
+        last = self._micro_done == n - 1
+        images, labels, cell_types, norm_idx = self._to_device(batch)
+        # Under DDP, gradients are only all-reduced on the last micro-batch of the step.
+        sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
+        with sync, torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            x = self.normalize_train(images, norm_idx)
+            loss = self.criterion(self.model(x, cell_types), labels) / n
+        with sync:
+            self.scaler.scale(loss).backward()
+        self._loss_sum += loss.detach() * n
+        self._loss_count += 1
+        self.samples_seen += len(labels) * self.world
+        self._micro_done += 1
+        return last
+
+    def abandon_step(self):
+        """Drop an unfinished step: its gradients and side effects never reach a checkpoint."""
+        self.optimizer.zero_grad(set_to_none=True)
+        undo, self._undo = self._undo, None
+        if undo is not None:
+            set_rng_state(undo["rng"])
+            self._loss_sum, self._loss_count = undo["loss_sum"], undo["loss_count"]
+            self.samples_seen = undo["samples_seen"]
+            with torch.no_grad():
+                for buffer, saved in zip(self.raw_model.buffers(), undo["buffers"]):
+                    buffer.copy_(saved)
+
+    def finish_step(self):
+        """The optimizer step over the accumulated micro-batches."""
+        self._undo = None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -281,7 +322,7 @@ class Trainer:
         if self.ema:
             self.ema.update_parameters(self.raw_model)
         self.global_step += 1
-        self.batch_in_epoch += len(group)
+        self.batch_in_epoch += self._micro_done
         if self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch += 1
             self.batch_in_epoch = 0
@@ -300,28 +341,31 @@ class Trainer:
                              "lr": self.optimizer.param_groups[0]["lr"], "train_loss": loss})
 
     # -- evaluation -------------------------------------------------------------------------
-    def _val_batches(self, rows):
+    def _val_batches(self, rows, stop):
         """(normalised images, labels, cell types) of some validation rows, batch by batch."""
         loader = self._loader(Subset(self.val_set, rows), batch_size=self.recipe.data.batch_size * 2)
-        for batch in loader:
+        for batch in interruptible(loader, stop):
             images, labels, cell_types, norm_idx = self._to_device(batch)
             yield self.normalize_val(images, norm_idx), labels, cell_types
 
     @torch.inference_mode()
-    def evaluate(self):
+    def evaluate(self, stop=None):
         """Loss and accuracy on the held-out experiments (site level). Every rank evaluates
         the whole validation set, so no collective is needed here. A plate-batch recipe is
-        evaluated as it will predict: each plate with its own BatchNorm statistics (AdaBN)."""
+        evaluated as it will predict: each plate with its own BatchNorm statistics (AdaBN).
+        `stop()` is asked before each batch; when it says so the pass raises Interrupted and
+        changes nothing (a pending evaluation stays pending)."""
         model = self.inference_model()
         model.eval()
         parts = (plate_rows(self.val_set.sites) if self.recipe.data.plate_batches
                  else [np.arange(len(self.val_set))])
         total, correct, loss_sum = 0, 0, 0.0
         for rows in parts:
-            statistics = (plate_statistics(model, ((x, c) for x, _, c in self._val_batches(rows)))
-                          if self.recipe.data.plate_batches else contextlib.nullcontext())
+            measured = ((x, c) for x, _, c in self._val_batches(rows, stop))
+            statistics = (plate_statistics(model, measured) if self.recipe.data.plate_batches
+                          else contextlib.nullcontext())
             with statistics:
-                for x, labels, cell_types in self._val_batches(rows):
+                for x, labels, cell_types in self._val_batches(rows, stop):
                     with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                         logits = model.logits(model(x, cell_types)).float()
                     loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()

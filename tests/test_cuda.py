@@ -18,7 +18,7 @@ from rcic.config import ModelConfig, OptimConfig
 from rcic.models import create_loss, create_model
 from rcic.optim import OPTIMIZERS, create_optimizer, parameter_groups
 
-from test_stage import TINY, same_weights, weights
+from helpers import TINY, assert_same_weights
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -96,7 +96,7 @@ def resumes_exactly(runner, data, tmp_path, **launch):
     assert first["done"] is False and first["global_step"] == 3
     middle = checkpoint_state(split)
     assert deterministic_stage(runner, data, split, **launch)["done"] is True
-    assert same_weights(weights(split), weights(whole))
+    assert_same_weights(split, whole)
     assert (split / "metrics.csv").read_text() == (whole / "metrics.csv").read_text()
     return middle, checkpoint_state(split), checkpoint_state(whole)
 

@@ -3,7 +3,7 @@
   baseline  the seeds' way: each sample converted to float32 and normalised on the CPU inside
             the DataLoader, float batches copied unpinned, contiguous NCHW, fp32, Adam's plain
             per-parameter loop (neither fused nor foreach), the loss read back every step
-  rcic      rcic.train.Trainer.train_step as rcic-stage runs it: uint8 batches (pinned,
+  rcic      rcic.train.Trainer's step as rcic-stage runs it: uint8 batches (pinned,
             non-blocking) normalised on the device; on CUDA also AMP, channels_last, fused Adam,
             and no host synchronisation inside the step
   compile   (--compile) the rcic step with its model under torch.compile
@@ -28,6 +28,7 @@ memory or reaches --max-batch (a bounded search: "at least" when the bound is re
 """
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -104,19 +105,25 @@ class Baseline:
 
 
 class RcicStep:
-    """rcic's own step: Trainer.step_groups feeding Trainer.train_step, epoch after epoch."""
+    """rcic's own step: Trainer.micro_batches into begin_step/accumulate/finish_step."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def batches(self):
-        """(first group of an epoch?, group), epoch after epoch."""
+        """(first group of an epoch?, the micro-batches of one step), epoch after epoch."""
         while True:
-            for i, group in enumerate(self.trainer.step_groups()):
-                yield i == 0, group
+            source, first = self.trainer.micro_batches(), True
+            # Asked after the previous step finished: the last step of an epoch may be shorter.
+            while group := list(itertools.islice(source, self.trainer.micro_batches_per_step)):
+                yield first, group
+                first = False
 
     def step(self, group):
-        self.trainer.train_step(group)
+        self.trainer.begin_step()
+        for batch in group:
+            self.trainer.accumulate(batch)
+        self.trainer.finish_step()
         return sum(len(b["label"]) for b in group)
 
     def zero_grad(self):

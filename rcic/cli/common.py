@@ -1,7 +1,6 @@
 """Pieces every console script shares: argument errors as one line, the data folder default."""
 import argparse
 
-from rcic.data.layout import RxRx1
 from rcic.errors import UserError
 
 
@@ -14,6 +13,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def open_data(path, check_images=True):
     """The RxRx1 folder the user named, or the embedded synthetic one when none."""
+    from rcic.data.layout import RxRx1   # pandas: not for commands that only check their input
     if path is None:
         from rcic.data.synthetic import default_data_dir
         path = default_data_dir()
