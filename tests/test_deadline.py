@@ -1,7 +1,6 @@
 """rcic.deadline: the supervising parent ends a stuck stage at its deadline, with every process
 below it, and says what it interrupted. Real processes and signals (tests/helpers_deadline.py)."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """The RxRx1 layout: schemas, paths, splits by experiment, controls and every kind of bad input."""
 import shutil
 import subprocess
-import sys
 
 import pandas as pd
 import pytest

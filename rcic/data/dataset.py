@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rcic.data.images import decode_site
+from rcic.data.layout import plate_key
 from rcic.errors import UserError
 
 
