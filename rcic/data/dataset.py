@@ -10,10 +10,14 @@ One batch's path, in order:
 4. `Normalizer` (on the device) turns uint8 into float, standardised per image, experiment or
    plate, which removes most of the batch effect between experiments.
 """
+import os
 import random
 import signal
 
-import albumentations as A
+# albumentations asks PyPI for a newer release when imported: a wait for a network timeout in an
+# offline Kaggle kernel, and a warning rcic has no use for. A user's own setting wins.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402 (after the switch above)
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
