@@ -401,7 +401,11 @@ _noticed = set()
 
 
 def _notice_other_versions(ref):
-    """One warning per checkpoint and process when its versions differ from these."""
+    """One warning per checkpoint when its versions differ from these (from rank 0 alone when
+    every GPU's process resumes it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_rank() > 0:
+        return
     changes = versions.differences(ref.versions)
     if changes and ref.path not in _noticed:
         _noticed.add(ref.path)
