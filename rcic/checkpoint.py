@@ -387,8 +387,9 @@ def load_state(ref):
         state = portable.load(ref.path / STATE)
     except portable.RefusedFile as err:
         raise UserError(f"checkpoint {ref.path} refused: its {STATE} is not only tensors and "
-                        f"plain values ({err}); nothing in it was run. An rcic checkpoint never "
-                        f"holds that: delete the folder or resume from another one") from None
+                        f"plain values ({err}); nothing in it was run: delete the folder or "
+                        f"resume from another one (one written before rcic stored only plain "
+                        f"values resumes only under the rcic that wrote it)") from None
     except Exception as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"checkpoint {ref.path} cannot be loaded ({first_line}): "

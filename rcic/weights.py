@@ -47,8 +47,8 @@ def read_weights(path, mmap=False):
         return blob
     except portable.RefusedFile as err:
         raise UserError(f"weights file {path} refused: it is not only tensors and plain values "
-                        f"({err}); nothing in it was run. An rcic weights file never holds "
-                        f"that: delete it and use the weights.pt of a stage") from None
+                        f"({err}); nothing in it was run: delete it and use the weights.pt of "
+                        f"a stage") from None
     except (OSError, RuntimeError, KeyError, EOFError, TypeError, pickle.UnpicklingError) as err:
         raise UserError(f"weights file {path} cannot be read ({type(err).__name__}): it is "
                         f"truncated or not an rcic weights file; use the weights.pt of a stage")
