@@ -13,8 +13,7 @@ one input where RcicModel also takes the cell type.
 """
 import contextlib
 
-import torch
-from torch.nn.modules.batchnorm import _BatchNorm
+from rcic.data.layout import plate_key
 
 MODES = ("auto", "on", "off")
 
@@ -31,6 +30,8 @@ def use_adabn(mode, recipe):
 
 def batchnorm_layers(model):
     """The BatchNorm layers that keep running statistics (the others always use the batch's)."""
+    # torch is imported where it is used: rcic-predict reads MODES before it pays for torch.
+    from torch.nn.modules.batchnorm import _BatchNorm
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
@@ -45,6 +46,7 @@ def plate_statistics(model, inputs):
     the plate's and the variance the mean within-batch variance. On exit every layer gets its
     trained statistics and momentum back, and the model its train/eval mode.
     """
+    import torch
     layers = batchnorm_layers(model)
     saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(),
               m.num_batches_tracked.clone()) for m in layers]
@@ -73,5 +75,5 @@ def plate_statistics(model, inputs):
 
 def plate_rows(sites):
     """Row positions of `sites` grouped by plate (experiment, plate), in order of appearance."""
-    key = (sites["experiment"].astype(str) + "_" + sites["plate"].astype(str)).to_numpy()
+    key = plate_key(sites).to_numpy()
     return list(sites.reset_index(drop=True).groupby(key, sort=False).indices.values())

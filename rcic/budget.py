@@ -23,6 +23,10 @@ from rcic.errors import UserError
 
 _IMPORT_TIME = time.time()
 
+# The share of a stage's budget that goes to training steps; the rest pays start-up, validation
+# and the final save. Used to estimate how many stages a recipe needs.
+USABLE_FRACTION = 0.9
+
 # "8h", "7h30m", "45m", "90s", "1h2m3s", "1.5h"; spaces between the parts are allowed.
 _UNITS = re.compile(r"(?:(?P<h>\d+(?:\.\d+)?)h)?\s*(?:(?P<m>\d+(?:\.\d+)?)m)?\s*(?:(?P<s>\d+(?:\.\d+)?)s)?")
 # "1:30:00" is h:mm:ss and "30:00" is m:ss, as in Slurm's --time; the leading field is unbounded.
@@ -138,11 +142,6 @@ class DurationEstimator:
         early = self._early[kind] + ([self._seeds[kind]] if kind in self._seeds else [])
         return max(early) if early else default
 
-    def estimates(self):
-        """{kind: estimate} for every kind seen or seeded, to seed the next stage with."""
-        kinds = set(self._seeds) | {k for k, v in self._early.items() if v}
-        return {kind: self.estimate(kind) for kind in sorted(kinds)}
-
     @contextmanager
     def timer(self, kind):
         """Time the block and record it under `kind` (not when it raises: that is no sample)."""
@@ -169,11 +168,6 @@ class StopRequest:
     @property
     def requested(self):
         return self._signum is not None
-
-    @property
-    def signal_name(self):
-        """"SIGTERM" or "SIGINT" once requested, for the log; None before."""
-        return None if self._signum is None else signal.Signals(self._signum).name
 
     def _handle(self, signum, frame):
         if self._signum is None:

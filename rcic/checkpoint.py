@@ -21,7 +21,6 @@ files do not match it in size and sha256 is skipped with a warning. One writer p
 Loading never runs code from the file: a state that needs more than tensors and plain values is
 refused (kernels search all of /kaggle/input, where anyone's files may lie).
 """
-import errno
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ import torch
 
 from rcic import __version__
 from rcic import portable, search, versions
+from rcic.atomic import fsync_dir, fsync_file, write_synced
 from rcic.errors import UserError
 
 FORMAT = 1
@@ -113,7 +113,7 @@ def copy_checkpoint(ref, out_dir, keep=1):
     def write(tmp):
         for name in ref.manifest["files"]:
             shutil.copyfile(ref.path / name, tmp / name)
-            _fsync_file(tmp / name)
+            fsync_file(tmp / name)
         problem = _files_problem(tmp, ref.manifest, hashes=True)
         if problem:
             raise UserError(f"checkpoint {ref.path} changed while it was copied to {out_dir} "
@@ -133,7 +133,7 @@ def _commit_new(out_dir, step, keep, write):
     try:
         manifest = write(tmp)
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final = _rename_into_place(tmp, out_dir / f"ckpt-{step:09d}")
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,7 +157,7 @@ def _rename_into_place(tmp, final):
         if aside is not None:
             os.rename(aside, final)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if aside is not None:
         _remove(aside)
     return final
@@ -234,7 +234,7 @@ class _HashingWriter:
 
 
 def _write_state(path, state):
-    with open(path, "wb") as f:
+    def write(f):
         writer = _HashingWriter(f)
         try:
             torch.save(state, writer)
@@ -242,33 +242,15 @@ def _write_state(path, state):
             if writer.error is not None:
                 raise writer.error
             raise
-        f.flush()
-        os.fsync(f.fileno())
-        return {"sha256": writer.sha256.hexdigest(), "bytes": os.fstat(f.fileno()).st_size}
+        return writer.sha256.hexdigest()
+
+    sha256 = write_synced(path, write)
+    return {"sha256": sha256, "bytes": path.stat().st_size}
 
 
 def _write_file(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(path, data)
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def _fsync_file(path):
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno != errno.EINVAL:  # this file system cannot sync folders; nothing to do
-            raise
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- finding
@@ -277,13 +259,6 @@ def find_checkpoints(roots, recipe_hash=None):
     """Every valid checkpoint under `roots` (searched recursively; missing roots are fine),
     newest first by step, then creation time. With `recipe_hash`, only that recipe's."""
     return [ref for ref in _candidates(roots, recipe_hash) if _verified(ref)]
-
-
-def latest_checkpoint(roots, recipe_hash=None):
-    """The newest valid checkpoint under `roots` (of `recipe_hash` if given), or None.
-
-    Hashes only as many candidates as it takes: the newest that passes wins."""
-    return next((ref for ref in _candidates(roots, recipe_hash) if _verified(ref)), None)
 
 
 def _candidates(roots, recipe_hash):

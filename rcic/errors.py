@@ -4,10 +4,18 @@ Every console script runs through `cli_main`: a `UserError` becomes one line on 
 ("rcic-stage: error: <what>, <where>: <what to do>") and exit status 2, never a traceback.
 """
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
     """Bad input the user can fix. The message names what is wrong, where, and the fix."""
+
+
+def refuse_nonempty(folder, what="output folder", fix="choose a new --out or delete it first"):
+    """Refuse a folder that already holds something (or is a file): nothing there is touched."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"{what} {folder} exists and is not empty: {fix}")
 
 
 def one_line(err):

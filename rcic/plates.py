@@ -1,7 +1,8 @@
 """The plate structure of RxRx1, learnt from train and used to correct test predictions.
 
 The treatments fall into 4 fixed, disjoint groups; each plate holds one group, each siRNA of
-it once; which group sits on which plate is a cyclic rotation per experiment (FACTS.md).
+it once; which group sits on which plate is a cyclic rotation per experiment
+(docs/rxrx1-and-kaggle.md).
 So for a test plate, once we know its group, 3/4 of the classes are impossible (`mask`), and
 the wells of the plate must take *different* siRNAs of the group (`assign`: a linear
 assignment on log-probabilities, solved exactly by scipy).
@@ -16,6 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from rcic.data.layout import plate_key
 from rcic.errors import UserError
 
 N_GROUPS = 4
@@ -128,8 +130,7 @@ def plate_step(mode, wells, probs, structure):
     group = structure.infer_groups(wells, probs)
     log_probs = np.log(np.clip(probs, 1e-45, None))
     pred = np.empty(len(probs), int)
-    key = wells["experiment"].astype(str) + "_" + wells["plate"].astype(str)
-    for _, rows in pd.Series(np.arange(len(probs))).groupby(key.to_numpy()):
+    for _, rows in pd.Series(np.arange(len(probs))).groupby(plate_key(wells).to_numpy()):
         rows = rows.to_numpy()
         members = structure.groups[group[rows[0]]]
         if mode == "mask":

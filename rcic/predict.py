@@ -14,29 +14,42 @@ others predict every cell type they know. Where both kinds cover a well, the mea
 specialists and the mean of the generalists get equal weight, so one fine-tuned specialist
 is not drowned by several general models, nor the reverse.
 """
-import contextlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Subset
-from tqdm import tqdm
 
-from rcic.adabn import (MODES as ADABN_MODES, batchnorm_layers, plate_rows, plate_statistics,
-                        use_adabn)
-from rcic.data.dataset import Normalizer, SiteDataset, make_loader
+from rcic.adabn import MODES as ADABN_MODES, batchnorm_layers, use_adabn
+from rcic.data.layout import RxRx1, plate_key
 from rcic.errors import UserError
+from rcic.inference import load_member, site_probabilities, well_probabilities
 from rcic.plates import MODES, PlateStructure, plate_step
-from rcic.submission import check_submission, write_submission
-from rcic.weights import find_weights, load_weights, read_meta
+from rcic.search import KAGGLE_INPUT
+from rcic.submission import check_output_path, check_submission, write_submission
+from rcic.tta import views as tta_views
+from rcic.weights import find_weights, read_meta
 
 log = logging.getLogger("rcic")
 FAMILIES = ("specialist", "generalist")
 REPORT_NAME = "predict_report.json"
+LOCAL_RUNS = Path("runs")
+
+
+def run_prediction(data, out, checkpoints=(), tta=8, plates="assign", adabn="auto",
+                   batch_size=64, device="auto", workers=0, cache=""):
+    """rcic-predict as a function: `data` (an RxRx1 or its folder) and the weights files or
+    stage folders in `checkpoints` (none: the newest under /kaggle/input and runs/) -> the
+    checked submission `out`; returns the report, also saved beside it as REPORT_NAME."""
+    check_output_path(out)
+    views = tta_views(tta)
+    device = pick_device(device)
+    data = data if isinstance(data, RxRx1) else RxRx1(data)
+    roots = [r for r in (KAGGLE_INPUT, LOCAL_RUNS) if r.is_dir()]
+    weights = resolve_checkpoints(checkpoints, roots)
+    return predict(data, weights, out, views, plates, batch_size, device, workers, cache, adabn)
 
 
 def pick_device(name):
@@ -69,84 +82,6 @@ def resolve_checkpoints(paths, roots):
     if not finished:
         log.warning("no finished weights found: predicting with the unfinished %s", found[0])
     return [(finished or found)[0]]
-
-
-@dataclass
-class Member:
-    """One checkpoint of the ensemble and the cell types it predicts."""
-    path: Path
-    model: torch.nn.Module
-    recipe: object
-    meta: dict
-
-    @property
-    def specialist(self):
-        return bool(self.recipe.data.cell_types)
-
-    @property
-    def cell_types(self):
-        return list(self.recipe.data.cell_types) or list(self.meta["cell_types"])
-
-
-def load_member(path, data, device):
-    model, recipe, meta = load_weights(path, device)
-    if meta["n_treatments"] != data.n_treatments:
-        raise UserError(f"weights {path} were trained with {meta['n_treatments']} treatment "
-                        f"classes but {data.root} has {data.n_treatments}: predict with weights "
-                        f"trained on this data")
-    return Member(Path(path), model, recipe, meta)
-
-
-def view_probabilities(model, x, cell_type, views, n_treatments):
-    """Mean over TTA views of the softmax over the treatment classes, [B, n_treatments]."""
-    total = 0
-    for view in views:
-        scores = model.logits(model(view.apply(x), cell_type)).float()
-        total = total + torch.softmax(scores[:, :n_treatments], dim=1)
-    return total / len(views)
-
-
-@torch.inference_mode()
-def site_probabilities(member, data, sites, views, batch_size, device, workers=0, cache="",
-                       adabn=False):
-    """Probabilities of every row of `sites`, [len(sites), n_treatments] float32.
-
-    adabn: predict plate by plate, each with BatchNorm statistics of its own images (adabn.py);
-    the plate's images are then read twice, once to measure them and once to predict."""
-    recipe = member.recipe
-    recipe.data.cache = cache     # the recipe's own cache path belongs to the training machine
-    dataset = SiteDataset(data, sites, recipe, train=False, cell_types=member.meta["cell_types"])
-    normalize = Normalizer.for_dataset(data, dataset).to(device)
-    amp = device.type == "cuda" and recipe.optim.amp
-
-    def inputs(rows):
-        """(batch, normalised images, cell types) of the given rows, batch by batch."""
-        loader = make_loader(Subset(dataset, rows), batch_size=batch_size, num_workers=workers,
-                             pin_memory=device.type == "cuda")
-        for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
-            x = normalize(images, batch["norm_idx"].to(device))
-            yield batch, x, batch["cell_type"].to(device)
-
-    out = np.zeros((len(sites), data.n_treatments), np.float32)
-    parts = plate_rows(sites) if adabn else [np.arange(len(sites))]
-    with tqdm(total=len(sites), unit="site", desc=f"predict {member.path}", disable=None,
-              leave=False) as bar, torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        for rows in parts:
-            own_statistics = (plate_statistics(member.model, ((x, c) for _, x, c in inputs(rows)))
-                              if adabn else contextlib.nullcontext())
-            with own_statistics:
-                for batch, x, cell_type in inputs(rows):
-                    probs = view_probabilities(member.model, x, cell_type, views, data.n_treatments)
-                    out[batch["index"].numpy()] = probs.float().cpu().numpy()
-                    bar.update(len(x))
-    return out
-
-
-def well_probabilities(sites, site_probs, id_codes):
-    """Mean over the sites of each well, in the order of `id_codes`."""
-    frame = pd.DataFrame(site_probs).groupby(sites["id_code"].to_numpy()).mean()
-    return frame.reindex(id_codes).to_numpy(np.float32)
 
 
 class Ensemble:
@@ -200,8 +135,9 @@ def predict(data, checkpoints, out, views, plates="assign", batch_size=64,
         per_plate = use_adabn(adabn, member.recipe)
         if per_plate and not batchnorm_layers(member.model):
             log.warning("weights %s have no BatchNorm layer: --adabn changes nothing", path)
-        probs = site_probabilities(member, data, part, views, batch_size, device, workers, cache,
-                                   per_plate)
+        probs = site_probabilities(member.model, member.recipe, member.meta["cell_types"], data,
+                                   part, views, batch_size, device, workers, cache, per_plate,
+                                   label=f"predict {path}")
         ids = part["id_code"].drop_duplicates()
         rows = wells.index[wells["id_code"].isin(ids)].to_numpy()
         ensemble.add("specialist" if member.specialist else "generalist", rows,
@@ -220,12 +156,24 @@ def predict(data, checkpoints, out, views, plates="assign", batch_size=64,
     pred = plate_step(plates, wells, probs, structure)
     out = write_submission(out, wells["id_code"], pred)
     check_submission(out, data.root)
-    report = {"submission": str(out), "rows": len(wells), "tta_views": [v.name for v in views],
+    report = {"submission": str(out), "data": str(data.root), "rows": len(wells), "tta_views": [v.name for v in views],
               "plates": plates, "checkpoints": used}
     if data.answers is not None:
         report.update(score(data, wells, probs, structure))
     (out.parent / REPORT_NAME).write_text(json.dumps(report, indent=1))
     return report
+
+
+def describe(report):
+    """The lines a person reads about a prediction: what was written, and any accuracy."""
+    lines = [f"wrote {report['submission']} ({report['rows']} rows, checked against "
+             f"{report['data']})"]
+    for mode, acc in report.get("accuracy", {}).items():
+        cells = ", ".join(f"{c} {a:.3f}" for c, a in acc["per_cell_type"].items())
+        lines.append(f"accuracy --plates {mode}: {acc['overall']:.4f} ({cells})")
+    if "plate_groups_correct" in report:
+        lines.append(f"test plates with the right siRNA group: {report['plate_groups_correct']}")
+    return lines
 
 
 def score(data, wells, probs, structure=None):
@@ -253,6 +201,6 @@ def score(data, wells, probs, structure=None):
         for g, members in enumerate(structure.groups):
             group_of[members] = g
         right = pd.Series(structure.infer_groups(wells, probs) == group_of[truth]).groupby(
-            (wells["experiment"] + "_" + wells["plate"].astype(str)).to_numpy()).all()
+            plate_key(wells).to_numpy()).all()
         result["plate_groups_correct"] = f"{int(right.sum())}/{len(right)}"
     return result

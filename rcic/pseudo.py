@@ -10,13 +10,12 @@ chose; it is never recomputed on resume. It is stored as plain lists, not as a D
 pickled DataFrame only loads under a pandas that reads the writer's dtypes (pandas 2.2 cannot
 read pandas 3's strings), and a checkpoint must resume on Kaggle's image too.
 """
-import copy
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
+from rcic.inference import site_probabilities, well_probabilities
 from rcic.plates import PlateStructure, plate_step
+from rcic.tta import views
 
 
 def schedule_fraction(pseudo_cfg, epoch):
@@ -29,21 +28,12 @@ def schedule_fraction(pseudo_cfg, epoch):
 
 def choose_pseudo_labels(model, data, recipe, cell_types, device, fraction, batch_size):
     """DataFrame id_code, sirna, confidence: the most confident assigned test wells."""
-    from rcic.predict import Member, site_probabilities, well_probabilities
-    from rcic.tta import views
-
     sites = data.test_sites(recipe.data.cell_types)
-    # site_probabilities edits the recipe it is given: hand it a copy.
-    member = Member(Path("<training>"), model, copy.deepcopy(recipe), {"cell_types": cell_types})
-    was_training = model.training
-    model.eval()
-    site_probs = site_probabilities(member, data, sites, views(1), batch_size, device,
-                                    cache=recipe.data.cache)
-    model.train(was_training)
+    site_probs = site_probabilities(model, recipe, cell_types, data, sites, views(1), batch_size,
+                                    device, cache=recipe.data.cache, label="pseudo-labels")
     wells = sites.drop_duplicates("id_code").reset_index(drop=True)
     probs = well_probabilities(sites, site_probs, wells["id_code"])
-    train_wells = data.wells[(data.wells["split"] == "train") & (data.wells["well_type"] == "treatment")]
-    structure = PlateStructure.learn(train_wells, data.n_treatments)
+    structure = PlateStructure.learn(data.wells, data.n_treatments)
     sirna = plate_step("assign", wells, probs, structure)
     confidence = probs[np.arange(len(wells)), sirna]
     keep = int(round(fraction * len(wells)))

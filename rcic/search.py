@@ -7,8 +7,11 @@ test.csv): its image tree alone is ~500,000 files and holds no checkpoint or wei
 import os
 from pathlib import Path
 
+KAGGLE_INPUT = Path("/kaggle/input")    # where Kaggle mounts a kernel's attached inputs
+
 
 def is_data_folder(filenames):
+    """Whether a folder holding these file names is an RxRx1 data folder."""
     return "train.csv" in filenames and "test.csv" in filenames
 
 

@@ -1,6 +1,6 @@
 """One stage: resume, train while the budget allows, save, report.
 
-The contract (DESIGN.md): the stage never runs past its budget. Before each optimizer step,
+The contract (README.md): the stage never runs past its budget. Before each optimizer step,
 each validation and each periodic save it asks whether that work *plus the final save* still
 fits, using measured durations. Whatever happens it leaves a committed checkpoint, the
 inference weights, `stage.json`, `metrics.csv`, `curves.png` and `stage.log` in its folder.
@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,13 +20,41 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from rcic import checkpoint
-from rcic.budget import Budget, DurationEstimator, StopRequest
+from rcic.budget import USABLE_FRACTION, DurationEstimator, StopRequest
 from rcic.config import differing_training_fields, from_dict, save_recipe
 from rcic.errors import UserError
+from rcic.logs import setup_logging
 from rcic.train import Trainer
 from rcic.weights import WEIGHTS_NAME, find_weights, read_weights, save_weights
 
 log = logging.getLogger("rcic")
+SUMMARY_KEYS = ("done", "global_step", "total_steps", "epoch", "seconds_used",
+                "samples_per_second", "stages_left_estimate")
+
+
+def run_stage(recipe, data, out, budget, resume_roots, max_steps=0, quiet=False):
+    """Train one stage of `recipe` on `data` (an RxRx1) into `out`; returns its report (the
+    content of stage.json). Under torchrun this is one rank of the stage: rank 0 alone writes.
+
+    resume_roots: folders searched for this recipe's newest checkpoint (`out` is added).
+    max_steps: stop after that many optimizer steps even with budget left (0: no limit).
+    """
+    out = Path(out)
+    roots = [*resume_roots, out]
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        check_writable(out)
+    setup_logging(out / "stage.log" if rank == 0 else None, quiet or rank > 0)
+    return Stage(recipe, data, out, budget, roots, max_steps).run()
+
+
+def launch_distributed(gpus, stage_argv, start):
+    """Run the rcic-stage command `stage_argv` under torchrun, one process per GPU, all on the
+    clock that started at `start` (epoch seconds); returns its exit status."""
+    env = dict(os.environ, RCIC_START_TIME=repr(start))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={gpus}", "-m", "rcic.cli.stage", *stage_argv]
+    return subprocess.run(cmd, env=env).returncode
 
 
 def check_writable(out):
@@ -256,7 +286,7 @@ class Stage:
     def report(self, trainer):
         steps_left = max(0, trainer.total_steps - trainer.global_step)
         step_time = self.times.estimate("step") if self.steps_this_stage else 0.0
-        usable = max(1.0, self.budget.seconds * 0.9)
+        usable = max(1.0, self.budget.seconds * USABLE_FRACTION)
         report = {
             "done": trainer.finished,
             "recipe": self.recipe.name,

@@ -3,12 +3,12 @@
 A bad file is an error, not a warning: the message names the file, the first problem found
 and the fix, in one line.
 """
-import os
 import re
 from pathlib import Path
 
 import pandas as pd
 
+from rcic.atomic import write_atomic
 from rcic.data.layout import N_TREATMENTS
 from rcic.errors import UserError
 
@@ -33,13 +33,11 @@ def check_output_path(path):
 def write_submission(path, id_codes, sirnas):
     """Write id_code,sirna atomically: a crash never leaves half a file where the last was."""
     path = check_output_path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    text = pd.DataFrame({"id_code": list(id_codes), "sirna": [int(s) for s in sirnas]}).to_csv(
+        index=False)
     try:
-        pd.DataFrame({"id_code": list(id_codes), "sirna": [int(s) for s in sirnas]}).to_csv(
-            tmp, index=False)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write the submission {path} ({err.strerror or err}): free disk "
                         f"space or choose a writable --out; a file that was there is intact") from None
     return path

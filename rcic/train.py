@@ -16,9 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-import rcic
 from rcic.adabn import plate_rows, plate_statistics
-from rcic.data.layout import N_CONTROL_CLASSES
+from rcic.data.layout import N_CONTROL_CLASSES, plate_key
 from rcic.data.dataset import EpochBatchSampler, Normalizer, SiteDataset, make_loader
 from rcic.errors import UserError
 from rcic.models import create_loss, create_model, set_backbone_trainable
@@ -40,6 +39,12 @@ def rng_state():
     return state
 
 
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     name, keys, position, has_gauss, cached_gaussian = state["numpy"]
@@ -54,73 +59,95 @@ class Trainer:
     def __init__(self, recipe, data, device, world=1, rank=0, with_pretrained=True):
         self.recipe, self.data, self.device = recipe, data, device
         self.world, self.rank = world, rank
-        torch.manual_seed(recipe.train.seed)
-        np.random.seed(recipe.train.seed)
-        random.seed(recipe.train.seed)
-        train_sites, val_sites = data.split_sites(
-            recipe.data.val_experiments, recipe.data.cell_types, recipe.data.use_controls,
-            recipe.data.use_test_controls)
+        self.on_gpu = device.type == "cuda"
+        self.amp = self.on_gpu and recipe.optim.amp
+        # The order below is part of the result: the seeds, then everything that draws from
+        # them (the model's initial weights), exactly as every earlier run did it.
+        seed_everything(recipe.train.seed)
         self.cell_types = sorted(data.wells["cell_type"].unique())
-        self.base_train_sites = train_sites
+        self.base_train_sites, val_sites = self.split()
         self.pseudo_labels = None     # DataFrame id_code, sirna, confidence (pseudo.py)
         self.pseudo_epoch = -1        # the epoch whose start chose pseudo_labels
-        self.build_train_set()
-        self.val_set = SiteDataset(data, val_sites, recipe, train=False, cell_types=self.cell_types,
-                                   verify_cache=False)
-        with_controls = recipe.data.use_controls or recipe.data.use_test_controls
-        self.num_classes = data.n_treatments + (N_CONTROL_CLASSES if with_controls else 0)
-        self.normalize_val = Normalizer.for_dataset(data, self.val_set).to(device)
-
-        self.model = create_model(recipe.model, self.num_classes, len(self.cell_types),
-                                  with_pretrained).to(device)
-        self.on_gpu = device.type == "cuda"
-        self.channels_last = self.on_gpu and recipe.optim.channels_last
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.raw_model = self.model
-        if world > 1:
-            # Head-only epochs leave the backbone without gradients, which DDP must be told.
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if self.on_gpu else None,
-                find_unused_parameters=recipe.optim.freeze_backbone_epochs > 0)
+        self.build_train_set(verify_cache=True)
+        self.build_val_set(val_sites)
+        self.num_classes = self.count_classes()
+        self.raw_model = self.build_model(with_pretrained)
+        self.model = self.wrap_distributed(self.raw_model)
         self.criterion = create_loss(recipe.model)
         self.optimizer = create_optimizer(recipe.optim, self.raw_model)
         self.accum = max(1, recipe.optim.accumulation_steps)
-        # The epoch length is fixed by the labelled set: pseudo-labels change what an epoch
-        # draws from, never how many steps it has, so the LR schedule stays the same.
-        self.batches_per_epoch = None   # no limit while measuring the labelled set
-        self.batches_per_epoch = len(self._sampler(0, 0).batches)
-        if self.batches_per_epoch == 0:
-            raise UserError(f"data.batch_size {recipe.data.batch_size} is larger than the "
-                            f"{len(self.train_set)} training sites: lower it with --set data.batch_size=N")
+        self.batches_per_epoch = self.count_batches_per_epoch()
         self.steps_per_epoch = -(-self.batches_per_epoch // self.accum)
         self.total_steps = recipe.train.max_steps or recipe.train.epochs * self.steps_per_epoch
         self.scheduler = create_scheduler(recipe.optim, self.optimizer, self.steps_per_epoch,
                                           self.total_steps)
-        self.amp = self.on_gpu and recipe.optim.amp
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.ema = create_ema(self.raw_model, recipe.optim.ema_decay)
+        self.reset_progress()
 
+    # -- building ---------------------------------------------------------------------------
+    def split(self):
+        """(train sites, validation sites): validation holds out whole experiments."""
+        d = self.recipe.data
+        return self.data.split_sites(d.val_experiments, d.cell_types, d.use_controls,
+                                     d.use_test_controls)
+
+    def build_train_set(self, verify_cache=False):
+        """The labelled train sites plus the current pseudo-labelled test sites.
+        verify_cache: read the whole cache once to check it (the first build only)."""
+        sites = pd.concat([self.base_train_sites, pseudo_sites(self.data, self.pseudo_labels)],
+                          ignore_index=True)
+        self.train_set = SiteDataset(self.data, sites, self.recipe, train=True,
+                                     cell_types=self.cell_types, verify_cache=verify_cache)
+        self.normalize_train = Normalizer.for_dataset(self.data, self.train_set).to(self.device)
+        self.groups = plate_key(sites).to_numpy() if self.recipe.data.plate_batches else None
+
+    def build_val_set(self, sites):
+        # The training set has just verified the same cache.
+        self.val_set = SiteDataset(self.data, sites, self.recipe, train=False,
+                                   cell_types=self.cell_types, verify_cache=False)
+        self.normalize_val = Normalizer.for_dataset(self.data, self.val_set).to(self.device)
+
+    def count_classes(self):
+        """The treatments, plus the control classes when controls are trained on."""
+        d = self.recipe.data
+        with_controls = d.use_controls or d.use_test_controls
+        return self.data.n_treatments + (N_CONTROL_CLASSES if with_controls else 0)
+
+    def build_model(self, with_pretrained):
+        model = create_model(self.recipe.model, self.num_classes, len(self.cell_types),
+                             with_pretrained).to(self.device)
+        self.channels_last = self.on_gpu and self.recipe.optim.channels_last
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def wrap_distributed(self, model):
+        """The model the training step calls: under DDP, the wrapper that syncs gradients."""
+        if self.world == 1:
+            return model
+        # Head-only epochs leave the backbone without gradients, which DDP must be told.
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.on_gpu else None,
+            find_unused_parameters=self.recipe.optim.freeze_backbone_epochs > 0)
+
+    def count_batches_per_epoch(self):
+        """Micro-batches of one epoch. The labelled set fixes it: pseudo-labels change what an
+        epoch draws from, never how many steps it has, so the LR schedule stays the same."""
+        n = len(self._sampler(0, 0, limit=None).batches)
+        if n == 0:
+            raise UserError(f"data.batch_size {self.recipe.data.batch_size} is larger than the "
+                            f"{len(self.train_set)} training sites: lower it with "
+                            f"--set data.batch_size=N")
+        return n
+
+    def reset_progress(self):
         self.global_step = 0          # optimizer steps done
         self.epoch = 0
         self.batch_in_epoch = 0       # micro-batches of this epoch already consumed
         self.samples_seen = 0
         self.pending_eval = False     # an epoch ended but its validation has not run yet
         self.history = []             # one dict per logged step or evaluation
-        self._loss_sum = torch.zeros((), device=device)
+        self._loss_sum = torch.zeros((), device=self.device)
         self._loss_count = 0
-
-    def build_train_set(self):
-        """The labelled train sites plus the current pseudo-labelled test sites."""
-        sites = pd.concat([self.base_train_sites, pseudo_sites(self.data, self.pseudo_labels)],
-                          ignore_index=True)
-        # The cache is verified byte by byte once, when the first training set is built.
-        self.train_set = SiteDataset(self.data, sites, self.recipe, train=True,
-                                     cell_types=self.cell_types,
-                                     verify_cache=not hasattr(self, "train_set"))
-        self.normalize_train = Normalizer.for_dataset(self.data, self.train_set).to(self.device)
-        self.groups = (sites["experiment"] + "_" + sites["plate"].astype(str)).to_numpy() \
-            if self.recipe.data.plate_batches else None
 
     @property
     def pending_pseudo(self):
@@ -159,9 +186,7 @@ class Trainer:
                          "loss_sum": self._loss_sum.item(), "loss_count": self._loss_count},
             "history": list(self.history),
             "pseudo": {"labels": labels_to_lists(self.pseudo_labels), "epoch": self.pseudo_epoch},
-            "recipe": self.recipe.to_dict(),
-            "recipe_hash": self.recipe.training_hash(),
-            "package_version": rcic.__version__,
+            # The recipe, its hash and the rcic version are in the checkpoint's manifest.
         }
 
     def load_state_dict(self, state):
@@ -207,10 +232,11 @@ class Trainer:
         return self.global_step >= self.total_steps and not self.pending_eval
 
     # -- training ---------------------------------------------------------------------------
-    def _sampler(self, epoch, start):
+    def _sampler(self, epoch, start, limit):
+        """The batches of `epoch` from batch `start`, at most `limit` (None: all there are)."""
         return EpochBatchSampler(len(self.train_set), self.recipe.data.batch_size,
                                  self.recipe.train.seed, epoch, start, self.groups,
-                                 self.world, self.rank, limit=self.batches_per_epoch)
+                                 self.world, self.rank, limit=limit)
 
     def _loader(self, dataset, **kwargs):
         # A private generator: creating a loader iterator must not draw from the global torch
@@ -221,7 +247,8 @@ class Trainer:
     def step_groups(self):
         """Yield the micro-batch groups of one optimizer step each, for the rest of the epoch."""
         set_backbone_trainable(self.raw_model, self.epoch >= self.recipe.optim.freeze_backbone_epochs)
-        loader = self._loader(self.train_set, batch_sampler=self._sampler(self.epoch, self.batch_in_epoch))
+        loader = self._loader(self.train_set, batch_sampler=self._sampler(
+            self.epoch, self.batch_in_epoch, self.batches_per_epoch))
         group = []
         for batch in loader:
             group.append(batch)

@@ -29,12 +29,6 @@ class View:
             x = torch.flip(x, dims=(W,))
         return torch.rot90(x, self.turns, dims=(H, W)) if self.turns else x
 
-    def invert(self, x):
-        """Undo `apply` (for outputs that are images, e.g. to check a view or map a mask back)."""
-        if self.turns:
-            x = torch.rot90(x, -self.turns, dims=(H, W))
-        return torch.flip(x, dims=(W,)) if self.flip else x
-
 
 VIEWS = (
     View("identity", False, 0),

@@ -5,11 +5,11 @@ predictor needs to map outputs back to siRNAs. A checkpoint holds far more (opti
 states, data position); the submission kernel only needs this.
 """
 import io
-import os
 import pickle
 from pathlib import Path
 
 from rcic import portable, search
+from rcic.atomic import write_atomic
 from rcic.config import from_dict
 from rcic.errors import UserError
 
@@ -19,20 +19,14 @@ WEIGHTS_NAME = "weights.pt"
 def save_weights(path, model, recipe, meta):
     """Write atomically: a kernel killed mid-write must not leave a half file to be found."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     # Serialised in memory first, so a full disk surfaces as Python's OSError (ENOSPC) with
     # its name, not as torch's opaque zip-writer error.
     buffer = io.BytesIO()
     portable.save({"format": 1, "model": model.state_dict(), "recipe": recipe.to_dict(),
                    "meta": dict(meta)}, buffer, where="weights")
     try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, buffer.getbuffer())
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"could not write {path} ({err.strerror}); the checkpoint beside it is "
                         f"intact: free disk space or choose another --out") from err
 

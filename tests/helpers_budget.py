@@ -2,7 +2,7 @@
 
     python helpers_budget.py stop STEP_SECONDS
         Loops over "steps" of STEP_SECONDS under a StopRequest; stops after the step in which
-        a signal arrived, printing "stopped by SIGNAME after step N", and exits 0.
+        a signal arrived, printing "stopped after step N", and exits 0.
     python helpers_budget.py budget DURATION MARGIN SEED
         A stage in miniature: steps of random length (0.02-0.25 s) while one more step plus
         the final save fits, then a 0.3 s "save"; prints a JSON report on its last line.
@@ -24,7 +24,7 @@ def stop_loop(step_seconds):
             print(f"step {step} start", flush=True)
             time.sleep(step_seconds)  # a signal does not cut this short (PEP 475)
             print(f"step {step} end", flush=True)
-        print(f"stopped by {stop.signal_name} after step {step}", flush=True)
+        print(f"stopped after step {step}", flush=True)
 
 
 def budget_loop(duration, margin, seed):

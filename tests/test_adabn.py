@@ -9,7 +9,8 @@ from rcic.config import Recipe
 from rcic.data.layout import RxRx1
 from rcic.errors import UserError
 from rcic.models import create_model
-from rcic.predict import load_member, predict, site_probabilities
+from rcic.inference import load_member, site_probabilities
+from rcic.predict import predict
 from rcic.tta import views
 from rcic.weights import save_weights
 
@@ -155,19 +156,20 @@ def test_prediction_adapts_each_plate_on_its_own(member):
     data, member = member
     sites = data.test_sites()
     state = {k: v.clone() for k, v in member.model.state_dict().items()}
-    args = (views(2), 64, torch.device("cpu"))
-    plain = site_probabilities(member, data, sites, *args)
-    adapted = site_probabilities(member, data, sites, *args, adabn=True)
+    args = (member.model, member.recipe, member.meta["cell_types"], data)
+    more = (views(2), 64, torch.device("cpu"))
+    plain = site_probabilities(*args, sites, *more)
+    adapted = site_probabilities(*args, sites, *more, adabn=True)
     assert not np.allclose(plain, adapted, atol=1e-4)
     # one plate predicted alone gets the same probabilities as inside the whole test set:
     # its statistics come from its own images only, and no other plate's stayed behind
     for rows in plate_rows(sites)[:2]:
-        alone = site_probabilities(member, data, sites.iloc[rows].reset_index(drop=True),
-                                   *args, adabn=True)
+        alone = site_probabilities(*args, sites.iloc[rows].reset_index(drop=True), *more,
+                                   adabn=True)
         np.testing.assert_allclose(alone, adapted[rows], rtol=1e-5, atol=1e-6)
     for key, value in member.model.state_dict().items():
         assert torch.equal(value, state[key]), key
-    np.testing.assert_array_equal(site_probabilities(member, data, sites, *args), plain)
+    np.testing.assert_array_equal(site_probabilities(*args, sites, *more), plain)
 
 
 def test_predict_reports_adabn_per_checkpoint_and_refuses_a_bad_mode(member, tmp_path):

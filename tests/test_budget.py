@@ -95,7 +95,6 @@ def test_estimator_seed_and_timer():
         with est.timer("eval"):
             1 / 0
     assert est.estimate("eval") is None  # a block that failed is no sample
-    assert set(est.estimates()) == {"save"}
 
 
 def _start_stop_loop(step_seconds=0.4):
@@ -117,7 +116,7 @@ def test_signal_finishes_the_step_then_exits_0(signum):
     out, err = proc.communicate(timeout=10)
     lines += out.split("\n")[:-1]
     assert proc.returncode == 0, err
-    assert lines[-2:] == ["step 2 end", f"stopped by {signum.name} after step 2"]
+    assert lines[-2:] == ["step 2 end", "stopped after step 2"]
 
 
 def test_second_signal_aborts():
@@ -136,7 +135,7 @@ def test_stop_request_restores_handlers():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with StopRequest() as stop:
         assert signal.getsignal(signal.SIGTERM) != before[0]
-        assert not stop.requested and stop.signal_name is None
+        assert not stop.requested
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 

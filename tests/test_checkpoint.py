@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcic.checkpoint import (copy_checkpoint, find_checkpoints, latest_checkpoint, load_state,
-                             save_checkpoint)
+from rcic.checkpoint import copy_checkpoint, find_checkpoints, load_state, save_checkpoint
 from rcic.errors import UserError
 
 # Forked children start at once (a fresh interpreter would spend seconds importing torch) and
@@ -23,6 +22,12 @@ fork = multiprocessing.get_context("fork")
 SMALL = torch.arange(10, dtype=torch.float32)
 MEDIUM = torch.randn(100_000, generator=torch.Generator().manual_seed(1))  # 400 kB
 BIG = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0))  # 4 MB: kills land in saves
+
+
+def newest(roots, recipe_hash=None):
+    """The newest valid checkpoint, as the stage picks it (find_checkpoints is newest first)."""
+    found = find_checkpoints(roots, recipe_hash)
+    return found[0] if found else None
 
 
 def _save(out, step, recipe="r1", keep=1, x=SMALL, **kw):
@@ -38,7 +43,7 @@ def test_round_trip(tmp_path):
     path = _save(tmp_path, 7, done=True, extra_files={"recipe.yaml": "a: 1\n", "w.bin": b"\x00\x01"},
                  info={"seconds_used": 12.5})
     assert path == tmp_path / "ckpt-000000007"
-    ref = latest_checkpoint([tmp_path])
+    ref = newest([tmp_path])
     assert ref.path == path
     assert (ref.step, ref.epoch, ref.recipe_hash, ref.done) == (7, 0, "r1", True)
     assert ref.info == {"seconds_used": 12.5}
@@ -65,7 +70,7 @@ def test_saving_a_step_again_replaces_it(tmp_path):
     _save(tmp_path, 4, info={"v": 1})
     _save(tmp_path, 4, info={"v": 2})
     assert _committed(tmp_path) == ["ckpt-000000004"]
-    assert latest_checkpoint(tmp_path).info == {"v": 2}
+    assert newest(tmp_path).info == {"v": 2}
 
 
 def test_damaged_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
@@ -80,7 +85,7 @@ def test_damaged_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
     (no_manifest / "MANIFEST.json").unlink()
     (bad_manifest / "MANIFEST.json").write_text('{"format": 1, "step": ')
     with caplog.at_level(logging.WARNING, logger="rcic"):
-        ref = latest_checkpoint([tmp_path])
+        ref = newest([tmp_path])
     assert ref.step == 1 and load_state(ref)["step"] == 1
     warned = "\n".join(r.getMessage() for r in caplog.records)
     assert f"{truncated}: state.pt has" in warned and "truncated" in warned
@@ -100,15 +105,15 @@ def test_search_is_recursive_across_roots(tmp_path):
     roots = [tmp_path / "input", tmp_path / "working", tmp_path / "missing", tmp_path / "input"]
     assert [(r.step, r.recipe_hash) for r in find_checkpoints(roots)] == \
         [(30, "r2"), (20, "r1"), (15, "r1"), (10, "r1")]
-    assert latest_checkpoint(roots, recipe_hash="r1").step == 20
-    assert latest_checkpoint(roots, recipe_hash="r3") is None
-    assert latest_checkpoint(tmp_path / "working" / "ckpt-000000015").step == 15  # a root may be one
+    assert newest(roots, recipe_hash="r1").step == 20
+    assert newest(roots, recipe_hash="r3") is None
+    assert newest(tmp_path / "working" / "ckpt-000000015").step == 15  # a root may be one
 
 
 def test_a_checkpoint_renamed_aside_by_an_interrupted_replace_is_still_found(tmp_path):
     path = _save(tmp_path, 3)
     path.rename(tmp_path / "ckpt-000000003.old-1a2b3c4d")  # killed between the two renames
-    ref = latest_checkpoint(tmp_path)
+    ref = newest(tmp_path)
     assert ref.step == 3 and load_state(ref)["step"] == 3
     _save(tmp_path, 3)
     assert _committed(tmp_path) == ["ckpt-000000003"]  # the leftover goes after the next commit
@@ -119,17 +124,17 @@ def test_checkpoint_of_a_newer_rcic_is_refused(tmp_path):
     manifest = json.loads((path / "MANIFEST.json").read_text())
     manifest["package_version"] = "0.3.0"
     (path / "MANIFEST.json").write_text(json.dumps(manifest))
-    ref = latest_checkpoint(tmp_path)
+    ref = newest(tmp_path)
     with pytest.raises(UserError, match=r"checkpoint .*ckpt-000000001 was written by rcic 0.3.0, "
                                         r"this is 0.1.0: upgrade rcic \(pip install -U"):
         load_state(ref)
     manifest["package_version"] = "0.1"  # the same release written differently
     (path / "MANIFEST.json").write_text(json.dumps(manifest))
-    assert load_state(latest_checkpoint(tmp_path))["step"] == 1
+    assert load_state(newest(tmp_path))["step"] == 1
 
 
 def test_a_checkpoint_damaged_after_discovery_fails_to_load_with_one_line(tmp_path):
-    ref = latest_checkpoint(_save(tmp_path, 1, x=MEDIUM).parent)
+    ref = newest(_save(tmp_path, 1, x=MEDIUM).parent)
     data = (ref.path / "state.pt").read_bytes()
     (ref.path / "state.pt").write_bytes(data[:1000])
     with pytest.raises(UserError) as err:
@@ -139,10 +144,10 @@ def test_a_checkpoint_damaged_after_discovery_fails_to_load_with_one_line(tmp_pa
 
 
 def test_copy_carries_a_checkpoint_forward(tmp_path):
-    ref = latest_checkpoint(_save(tmp_path / "old", 8, done=True, extra_files={"w.bin": b"abc"}).parent)
+    ref = newest(_save(tmp_path / "old", 8, done=True, extra_files={"w.bin": b"abc"}).parent)
     copied = copy_checkpoint(ref, tmp_path / "new")
     assert copied == tmp_path / "new" / "ckpt-000000008"
-    new = latest_checkpoint(tmp_path / "new")
+    new = newest(tmp_path / "new")
     assert new.manifest == ref.manifest and load_state(new)["step"] == 8
     assert copy_checkpoint(new, tmp_path / "new") == copied  # onto itself: nothing to do
     # A source damaged after discovery is not committed at the destination.
@@ -184,7 +189,7 @@ def test_disk_error_during_a_save_leaves_the_previous_checkpoint(tmp_path, limit
     assert message.startswith(f"could not save a checkpoint in {out}: File too large;")
     assert "intact" in message
     assert _committed(out) == ["ckpt-000000001"]  # no half-written folder, previous one kept
-    assert load_state(latest_checkpoint(out))["step"] == 1
+    assert load_state(newest(out))["step"] == 1
 
 
 def _save_forever(out, first_step, log_path):
@@ -204,7 +209,7 @@ def test_sigkill_at_random_moments_never_loses_the_last_commit(tmp_path):
     rng = random.Random(0)
     killed_inside_a_save = newest_committed = 0
     for trial in range(20):
-        ref = latest_checkpoint(out)
+        ref = newest(out)
         first = ref.step + 1 if ref else 1
         log_path.write_text("")
         child = fork.Process(target=_save_forever, args=(out, first, log_path))
@@ -246,7 +251,7 @@ def test_a_state_other_environments_could_not_load_is_refused_before_anything_is
 
 def test_the_manifest_records_the_versions_that_decide_exactness(tmp_path):
     from rcic.versions import environment
-    ref = latest_checkpoint(_save(tmp_path, 1).parent)
+    ref = newest(_save(tmp_path, 1).parent)
     assert ref.versions == environment()
     assert set(ref.versions) >= {"python", "torch", "cuda", "cudnn", "numpy", "opencv",
                                  "albumentations"}

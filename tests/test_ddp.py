@@ -6,7 +6,7 @@ import torch
 
 from rcic.data.layout import RxRx1
 
-from test_stage import TINY, same_weights, weights
+from helpers import TINY, assert_same_weights
 
 
 def ddp_stage(data, out, *extra, budget="5m"):
@@ -28,7 +28,7 @@ def test_two_processes_train_stop_and_resume_exactly(tiny_data, tmp_path):
     assert first["done"] is False and first["global_step"] == 2
     second = ddp_stage(tiny_data, split)
     assert second["done"] is True
-    assert same_weights(weights(split), weights(tmp_path / "whole"))
+    assert_same_weights(split, tmp_path / "whole")
     state = torch.load(next(split.glob("ckpt-*")) / "state.pt", weights_only=False)
     assert len(state["rng"]) == 2          # every rank's RNG is in the checkpoint
 

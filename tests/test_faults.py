@@ -12,12 +12,13 @@
 - Budgets, measured from outside the process: it never exits after its budget, with slow steps
   (big images) and slow saves (resnet50: ~270 MB a checkpoint), fresh and resumed.
 
-Short mode (default, CI): one chain with 3 stage kills and a cache kill, one budget trial,
-the disk errors but the unwritable folder (about 3 minutes on a busy 2-core machine).
-Long mode, one command:
-    RCIC_LONG=1 RCIC_FAULT_REPORT=faults.json pytest -q tests/test_faults.py
-(8 chains: 24+ stage kills and 8+ cache kills; 12 budget trials). RCIC_FAULT_SEED replays a
-run; RCIC_FAULT_CHAINS and RCIC_BUDGET_TRIALS change its size. RELIABILITY.md has the last result.
+The main suite (CI) runs one chain with a fixed plan (3 stage kills and a cache kill), one
+budget trial and the disk errors but the unwritable folder (about 3 minutes on a busy 2-core
+machine). The long trials are marked `slow`, one command:
+    RCIC_FAULT_REPORT=faults.json pytest -q -m slow tests/test_faults.py
+(8 chains with drawn plans: 24+ stage kills and 8+ cache kills; 12 budget trials; the unwritable
+folder). RCIC_FAULT_SEED replays a run; RCIC_FAULT_CHAINS and RCIC_BUDGET_TRIALS change its
+size. RELIABILITY.md has the last result.
 """
 import json
 import os
@@ -31,22 +32,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from faults.harness import error_lines, reap, run_and_kill, run_ok, snapshot
+from helpers import assert_same_weights
 from rcic.checkpoint import find_checkpoints
 
-LONG = os.environ.get("RCIC_LONG") == "1"
-SEED = int(os.environ.get("RCIC_FAULT_SEED", "0" if not LONG else str(int(time.time()))))
-N_CHAINS = int(os.environ.get("RCIC_FAULT_CHAINS", "8" if LONG else "1"))
-N_BUDGET = int(os.environ.get("RCIC_BUDGET_TRIALS", "12" if LONG else "1"))
+# The seed of the slow trials' drawn plans and moments; the fixed chain always uses seed 0.
+SEED = int(os.environ.get("RCIC_FAULT_SEED", str(int(time.time()))))
+N_CHAINS = int(os.environ.get("RCIC_FAULT_CHAINS", "8"))
+N_BUDGET = int(os.environ.get("RCIC_BUDGET_TRIALS", "12"))
 STAGE_MODES = ["random", "ckpt-write", "ckpt-prune", "weights"]
 
 # 16 optimizer steps in all; checkpoints after every step so that kills often land in saves.
 TINY = ["data.image_size=16", "data.batch_size=4", "train.epochs=2", "train.log_every_steps=3",
         "train.checkpoint_every_steps=1", "data.num_workers=2"]
 STEPS = [5, 5, 0]          # the chain: 5 steps, 5 more, then to the end
-RESULTS = []               # every trial of this session, for the long-mode report
+RESULTS = []               # every trial of this session, for the report (RCIC_FAULT_REPORT)
 
 
 def stage_cmd(data, out, previous, steps, sets, budget="10m"):
@@ -62,17 +63,6 @@ def cache_cmd(data, out):
 def predict_cmd(data, weights_folder, submission):
     return ["rcic-predict", "--data", str(data), "--checkpoint", str(weights_folder),
             "--out", str(submission), "--tta", "2"]
-
-
-def weights(folder):
-    return torch.load(Path(folder) / "weights.pt", weights_only=False)["model"]
-
-
-def assert_same_weights(a, b):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), f"{name} differs between {a} and {b}"
 
 
 def committed(folder):
@@ -111,15 +101,17 @@ def report_results():
     yield
     path = os.environ.get("RCIC_FAULT_REPORT")
     if path and RESULTS:
-        summary = {"seed": SEED, "long": LONG, "trials": RESULTS}
+        summary = {"seed": SEED, "trials": RESULTS}
         Path(path).write_text(json.dumps(summary, indent=1))
 
 
+# The main suite's chain: one kill of each kind that matters, the same on every run.
+FIXED_PLAN = {"cache": [("chunk", False)],
+              "stages": [[("random", True)], [("ckpt-write", True)], [("weights", False)]]}
+
+
 def chain_plan(index):
-    """Which kills a chain suffers: fixed in short mode, drawn from the seed in long mode."""
-    if not LONG:
-        return {"cache": [("chunk", False)],
-                "stages": [[("random", True)], [("ckpt-write", True)], [("weights", False)]]}
+    """Which kills slow chain `index` suffers, drawn from the seed."""
     rng = random.Random(f"{SEED}-plan-{index}")
     cache = [(rng.choice(["chunk", "random"]), rng.random() < 0.5)
              for _ in range(1 + (rng.random() < 0.3))]
@@ -140,10 +132,12 @@ def reap_all(trials):
             trial["orphans"] = reap(trial["pgid"])
 
 
-@pytest.mark.parametrize("index", range(N_CHAINS))
+@pytest.mark.parametrize("index", ["fixed", *(pytest.param(i, marks=pytest.mark.slow)
+                                              for i in range(N_CHAINS))])
 def test_killed_chain_ends_like_an_undisturbed_one(tiny_data, reference, tmp_path, index):
-    rng = random.Random(f"{SEED}-kills-{index}")
-    plan = chain_plan(index)
+    fixed = index == "fixed"
+    rng = random.Random("0-kills-0" if fixed else f"{SEED}-kills-{index}")
+    plan = FIXED_PLAN if fixed else chain_plan(index)
     trials = []
 
     # The cache build, killed (whole group, or only the main process while its workers write).
@@ -175,7 +169,7 @@ def test_killed_chain_ends_like_an_undisturbed_one(tiny_data, reference, tmp_pat
     assert json.loads((outs[2] / "stage.json").read_text())["done"] is True
     assert_same_weights(outs[2], reference.outs[2])
     assert submission.read_bytes() == reference.submission.read_bytes()
-    if not LONG:   # the fixed plan must really have killed something, or it tested nothing
+    if fixed:   # the fixed plan must really have killed something, or it tested nothing
         assert sum(t["outcome"] == "killed" for t in trials) >= 3, trials
 
 
@@ -226,11 +220,10 @@ def can_make_immutable(folder):
     return made and hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+@pytest.mark.slow
 def test_folder_made_unwritable_in_the_middle_of_a_save(tiny_data, reference, tmp_path):
     """`chattr +i` stops even root from adding or renaming entries: the folder turns read-only
     while a checkpoint is being written into it (as when a mount goes read-only)."""
-    if not LONG:
-        pytest.skip("long mode only (RCIC_LONG=1): the short mode's time goes to the kills")
     if not can_make_immutable(tmp_path):
         pytest.skip("chattr +i needs root and a file system with immutable folders")
     out = tmp_path / "out"
@@ -310,7 +303,7 @@ def test_disk_full_during_the_weights_write(tiny_data, reference, tmp_path):
     result, after = on_small_disk(lambda out: stage_cmd(tiny_data, out, None, 0, TINY),
                                   room, None, tmp_path)
     assert_one_line_error(result, "No space left on device")
-    assert not (after / ".weights.pt.tmp").exists()
+    assert not list(after.glob(".weights.pt.partial-*"))
 
 
 # ------------------------------------------------------------------ budgets
@@ -326,11 +319,13 @@ BUDGET_KINDS = {
 
 
 def budget_plan():
-    if not LONG:
-        return [("slow-saves", 20.0)]
+    """The main suite's one trial, then the slow trials: both kinds, budgets drawn from the seed."""
     rng = random.Random(f"{SEED}-budgets")
     kinds = sorted(BUDGET_KINDS)
-    return [(kinds[i % 2], round(rng.uniform(15.0, 45.0), 1)) for i in range(N_BUDGET)]
+    drawn = [(kinds[i % 2], round(rng.uniform(15.0, 45.0), 1)) for i in range(N_BUDGET)]
+    return [pytest.param("slow-saves", 20.0, id="fixed"),
+            *(pytest.param(*trial, marks=pytest.mark.slow, id=str(i))
+              for i, trial in enumerate(drawn))]
 
 
 @pytest.fixture(scope="module")
@@ -339,9 +334,8 @@ def budget_folders(tmp_path_factory):
     return {kind: tmp_path_factory.mktemp(kind) / "out" for kind in BUDGET_KINDS}
 
 
-@pytest.mark.parametrize("trial", range(len(budget_plan())))
-def test_a_stage_never_exits_after_its_budget(tiny_data, budget_folders, trial):
-    kind, budget = budget_plan()[trial]
+@pytest.mark.parametrize("kind, budget", budget_plan())
+def test_a_stage_never_exits_after_its_budget(tiny_data, budget_folders, kind, budget):
     out = budget_folders[kind]
     cmd = stage_cmd(tiny_data, out, None, 0, BUDGET_KINDS[kind], budget=f"{budget}s")
     started = time.monotonic()

@@ -1,124 +1,46 @@
 """rcic-chain push/status/output/publish-bundle through the real `kaggle` client, pointed at a
-stand-in Kaggle server on 127.0.0.1 (how: ../shared/FACTS.md, "Kaggle mechanics").
+stand-in Kaggle server on 127.0.0.1 (tests/kaggle_stand_in.py; how: docs/rxrx1-and-kaggle.md).
 
-Every call of the client is `POST http://localhost/api/v1/<Service>/<Method>` with a camelCase
-JSON body, sent through HTTP_PROXY, which is this server. The tests assert on what the client
-sends and on how rcic reads what comes back (the client's own exit status says nothing).
+The tests assert on what the client sends and on how rcic reads what comes back (the client's
+own exit status says nothing). tests/test_chain_driver.py covers the resumable driver, submit,
+status and every kernel state.
 """
 import json
-import os
+import shutil
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
 pytest.importorskip("kaggle")
 
-from rcic.cli.chain import main as chain_main   # noqa: E402
-
-SAVE = "kernels.KernelsApiService/SaveKernel"
-STATUS = "kernels.KernelsApiService/GetKernelSessionStatus"
-OUTPUT = "kernels.KernelsApiService/ListKernelSessionOutput"
-
-
-class StandIn:
-    """A tiny Kaggle: records every request, answers from per-method handlers."""
-
-    def __init__(self):
-        self.requests = []              # (method, body) in arrival order
-        self.handlers = {}              # "Service/Method" -> f(body) -> (http code, json)
-        self.files = {}                 # path -> bytes, served on GET (output downloads)
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def reply(self, code, payload, content_type="application/json"):
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self):
-                path = urlsplit(self.path).path
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                method = path.removeprefix("/api/v1/")
-                stand_in.requests.append((method, body))
-                handler = stand_in.handlers.get(method)
-                if handler is None:
-                    self.reply(404, {"code": 404, "message": f"no handler for {method}"})
-                else:
-                    self.reply(*handler(body))
-
-            def do_GET(self):
-                path = urlsplit(self.path).path
-                stand_in.requests.append(("GET " + path, None))
-                if path in stand_in.files:
-                    self.reply(200, stand_in.files[path], "application/octet-stream")
-                else:
-                    self.reply(404, {"code": 404, "message": "no such file"})
-
-            def do_PUT(self):   # blob uploads
-                path = urlsplit(self.path).path
-                length = int(self.headers.get("Content-Length") or 0)
-                stand_in.requests.append(("PUT " + path, self.rfile.read(length)))
-                self.reply(200, {})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def methods(self):
-        return [m for m, _ in self.requests]
-
-    def bodies(self, method):
-        return [b for m, b in self.requests if m == method]
+from kaggle_stand_in import (GET_KERNEL, OUTPUT, SAVE, STATUS, StandIn, kaggle_env,  # noqa: E402
+                             render_chain, run_here)
 
 
 @pytest.fixture
 def server():
     s = StandIn()
     yield s
-    s.server.shutdown()
-
-
-def kaggle_env(server, tmp_path, credentials=True):
-    env = {k: v for k, v in os.environ.items()
-           if k.upper() not in ("NO_PROXY", "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN")}
-    proxy = f"http://127.0.0.1:{server.port}"
-    config = tmp_path / "kaggle-config"
-    config.mkdir(exist_ok=True)
-    env.update(KAGGLE_API_ENVIRONMENT="LOCALHOST", HTTP_PROXY=proxy, http_proxy=proxy,
-               KAGGLE_CONFIG_DIR=str(config), HOME=str(tmp_path))
-    if credentials:
-        env.update(KAGGLE_USERNAME="jdoe", KAGGLE_KEY="not-a-real-key")
-    return env
-
-
-def rcic_chain(env, *args):
-    """rcic-chain in its own process: `import kaggle` reads credentials once, at import."""
-    code = "import sys; from rcic.cli.chain import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    s.close()
 
 
 @pytest.fixture
-def chain_dir(tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("name: t\ntrain:\n  epochs: 1\n")
-    out = tmp_path / "chain"
-    assert chain_main(["init", "--owner", "jdoe", "--prefix", "rcic-b0", "--stages", "2",
-                       "--config", str(recipe), "--out", str(out)]) == 0
-    return out
+def cli(server, tmp_path, monkeypatch, capsys):
+    """rcic-chain, in this process, talking to the stand-in."""
+    env = kaggle_env(server, tmp_path)
+    return lambda *args: run_here(monkeypatch, capsys, env, *args)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    return render_chain(tmp_path_factory, stages=2)
+
+
+@pytest.fixture
+def chain_dir(rendered, tmp_path):
+    return Path(shutil.copytree(rendered, tmp_path / "chain"))
 
 
 def statuses(*sequence):
@@ -136,12 +58,12 @@ def saved(body):
                  "versionNumber": 1}
 
 
-def test_push_sends_each_kernel_in_order_after_the_previous_completed(server, tmp_path,
+def test_push_sends_each_kernel_in_order_after_the_previous_completed(server, cli, tmp_path,
                                                                        chain_dir):
     server.handlers[SAVE] = saved
     server.handlers[STATUS] = statuses("QUEUED", "RUNNING", "COMPLETE",
                                        "QUEUED", "COMPLETE", "RUNNING", "COMPLETE")
-    result = rcic_chain(kaggle_env(server, tmp_path), "push", chain_dir, "--poll-seconds", "0.01")
+    result = cli("push", chain_dir, "--poll-seconds", "0.01")
     assert result.returncode == 0, result.stderr
 
     pushes = server.bodies(SAVE)
@@ -169,77 +91,88 @@ def test_push_sends_each_kernel_in_order_after_the_previous_completed(server, tm
     assert "chain complete" in result.stdout
 
 
-def test_a_rejected_push_stops_the_chain_with_one_line(server, tmp_path, chain_dir):
+def test_a_rejected_push_stops_the_chain_with_one_line(server, cli, tmp_path, chain_dir):
     server.handlers[SAVE] = lambda body: (200, {"error": "Notebook title is already in use"})
-    result = rcic_chain(kaggle_env(server, tmp_path), "push", chain_dir, "--poll-seconds", "0.01")
+    result = cli("push", chain_dir, "--poll-seconds", "0.01")
     assert result.returncode == 2
     assert result.stderr.strip() == ("rcic-chain: error: Kaggle rejected the push of "
                                      "jdoe/rcic-b0-stage-01: Notebook title is already in use")
-    assert server.methods() == [SAVE]
+    assert server.methods() == [GET_KERNEL, SAVE]
 
 
-def test_inputs_the_server_did_not_accept_stop_the_chain(server, tmp_path, chain_dir):
+def test_inputs_the_server_did_not_accept_stop_the_chain(server, cli, tmp_path, chain_dir):
     server.handlers[SAVE] = lambda body: (200, {**saved(body)[1],
                                                 "invalidDatasetSources": ["jdoe/rcic-package"]})
-    result = rcic_chain(kaggle_env(server, tmp_path), "push", chain_dir, "--poll-seconds", "0.01")
+    result = cli("push", chain_dir, "--poll-seconds", "0.01")
     assert result.returncode == 2
     assert "not its inputs (dataset jdoe/rcic-package)" in result.stderr
     assert "publish-bundle" in result.stderr
-    assert server.methods() == [SAVE]
+    assert "rcic-chain push --from stage-01" in result.stderr
+    assert server.methods() == [GET_KERNEL, SAVE]
 
 
-def test_a_kernel_ending_in_error_stops_the_chain(server, tmp_path, chain_dir):
+def test_a_kernel_ending_in_error_stops_the_chain(server, cli, tmp_path, chain_dir):
     server.handlers[SAVE] = saved
     server.handlers[STATUS] = statuses("RUNNING", {"status": "ERROR",
                                                    "failureMessage": "CUDA out of memory"})
-    result = rcic_chain(kaggle_env(server, tmp_path), "push", chain_dir, "--poll-seconds", "0.01")
+    result = cli("push", chain_dir, "--poll-seconds", "0.01")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
-    assert ("kernel jdoe/rcic-b0-stage-01 ended in ERROR: CUDA out of memory"
+    assert ("kernel jdoe/rcic-b0-stage-01 version 1 ended in ERROR: CUDA out of memory"
             in result.stderr)
+    assert "rcic-chain push --retry" in result.stderr
     assert server.methods().count(SAVE) == 1     # stage 2 was never pushed
 
 
-def test_a_stale_final_state_right_after_a_push_is_not_trusted(server, tmp_path, chain_dir):
+def test_a_stale_final_state_right_after_a_push_is_not_trusted(server, cli, tmp_path, chain_dir):
     # The previous run's COMPLETE is still reported twice before the new run shows up.
     server.handlers[SAVE] = saved
     server.handlers[STATUS] = statuses("COMPLETE", "COMPLETE", "RUNNING", "ERROR")
-    result = rcic_chain(kaggle_env(server, tmp_path), "push", chain_dir, "--poll-seconds", "0.01")
+    result = cli("push", chain_dir, "--poll-seconds", "0.01")
     assert result.returncode == 2 and "ended in ERROR" in result.stderr
 
 
 def test_missing_credentials_is_one_line_and_no_request(server, tmp_path, chain_dir):
-    env = kaggle_env(server, tmp_path, credentials=False)
-    for command in (["push", chain_dir], ["status", chain_dir], ["output", chain_dir]):
-        result = rcic_chain(env, *command)
-        assert result.returncode == 2
-        assert result.stderr.strip().startswith("rcic-chain: error: no Kaggle credentials")
-        assert len(result.stderr.strip().splitlines()) == 1
-        assert "Authentication required" not in result.stdout + result.stderr
+    # One new interpreter for all four commands: `import kaggle` prints its page of help at
+    # the first import only, which the first command meets; each command checks credentials.
+    commands = ["push", "status", "output", "submit"]
+    code = ("import sys; from rcic.cli.chain import main\n"
+            "print(*[main([c, sys.argv[1]]) for c in sys.argv[2:]])")
+    result = subprocess.run([sys.executable, "-c", code, str(chain_dir), *commands],
+                            env=kaggle_env(server, tmp_path, credentials=False),
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2"] * len(commands)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == len(commands)
+    assert all(line.startswith("rcic-chain: error: no Kaggle credentials") for line in lines)
+    assert "Authentication required" not in result.stdout + result.stderr
     assert server.requests == []
 
 
-def test_status_lists_every_kernel(server, tmp_path, chain_dir):
+def test_status_lists_every_kernel(server, cli, tmp_path, chain_dir):
     states = {"rcic-b0-stage-01": {"status": "COMPLETE"},
               "rcic-b0-stage-02": {"status": "ERROR", "failureMessage": "killed at 9h"}}
     server.handlers[STATUS] = lambda body: (
         (200, states[body["kernelSlug"]]) if body["kernelSlug"] in states
         else (404, {"code": 404, "message": "Notebook not found"}))
-    result = rcic_chain(kaggle_env(server, tmp_path), "status", chain_dir)
+    result = cli("status", chain_dir)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "jdoe/rcic-b0-stage-01: complete" in lines[0]
-    assert "jdoe/rcic-b0-stage-02: error (killed at 9h)" in lines[1]
-    assert "jdoe/rcic-b0-submit: unknown" in lines[2] and "HTTP 404" in lines[2]
+    # Nothing was pushed from this folder: Kaggle's word on each kernel, said to be no more.
+    assert "jdoe/rcic-b0-stage-01  version -  complete" in lines[0]
+    assert "jdoe/rcic-b0-stage-02  version -  error" in lines[1] and "killed at 9h" in lines[1]
+    assert "jdoe/rcic-b0-submit  version -  unknown" in lines[2] and "HTTP 404" in lines[2]
+    assert all("not pushed from this folder" in line for line in lines[:3])
+    assert "at most 2 stage(s) x the 8.50 h budget" in result.stdout
 
 
-def test_output_downloads_files_and_log_beside_each_kernel(server, tmp_path, chain_dir):
+def test_output_downloads_files_and_log_beside_each_kernel(server, cli, tmp_path, chain_dir):
     server.files = {"/files/stage.json": b'{"done": true}', "/files/weights.pt": b"weights"}
     server.handlers[OUTPUT] = lambda body: (200, {
         "files": [{"url": f"http://localhost/files/{name}", "fileName": name}
                   for name in ("stage.json", "weights.pt")],
         "log": f"log of {body['kernelSlug']}"})
-    result = rcic_chain(kaggle_env(server, tmp_path), "output", chain_dir)
+    result = cli("output", chain_dir)
     assert result.returncode == 0, result.stderr
     out = chain_dir / "stage-02" / "output"
     assert (out / "weights.pt").read_bytes() == b"weights"
@@ -247,7 +180,7 @@ def test_output_downloads_files_and_log_beside_each_kernel(server, tmp_path, cha
     assert [b["userName"] for b in server.bodies(OUTPUT)] == ["jdoe"] * 3
 
 
-def test_publish_bundle_creates_the_dataset_then_adds_versions(server, tmp_path):
+def test_publish_bundle_creates_the_dataset_then_adds_versions(server, cli, tmp_path):
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     for name in ("rcic-0.1.0-py3-none-any.whl", "efficientnet_pytorch-0.7.1-py3-none-any.whl"):
@@ -266,9 +199,7 @@ def test_publish_bundle_creates_the_dataset_then_adds_versions(server, tmp_path)
         "ref": "jdoe/rcic-package", "url": "http://localhost/datasets/jdoe/rcic-package"})
     server.handlers["datasets.DatasetApiService/CreateDatasetVersion"] = lambda body: (200, {
         "ref": "jdoe/rcic-package", "url": "http://localhost/datasets/jdoe/rcic-package/2"})
-    env = kaggle_env(server, tmp_path)
-
-    result = rcic_chain(env, "publish-bundle", bundle)
+    result = cli("publish-bundle", bundle)
     assert result.returncode == 0, result.stderr
     create = server.bodies("datasets.DatasetApiService/CreateDataset")[-1]
     assert (create["ownerSlug"], create["slug"], create["isPrivate"]) == ("jdoe", "rcic-package",
@@ -281,7 +212,7 @@ def test_publish_bundle_creates_the_dataset_then_adds_versions(server, tmp_path)
     assert "created" in result.stdout
 
     exists["value"] = True
-    result = rcic_chain(env, "publish-bundle", bundle, "--notes", "second")
+    result = cli("publish-bundle", bundle, "--notes", "second")
     assert result.returncode == 0, result.stderr
     version = server.bodies("datasets.DatasetApiService/CreateDatasetVersion")[-1]
     assert version["ownerSlug"] == "jdoe" and version["datasetSlug"] == "rcic-package"
@@ -289,6 +220,6 @@ def test_publish_bundle_creates_the_dataset_then_adds_versions(server, tmp_path)
 
     server.handlers["datasets.DatasetApiService/CreateDatasetVersion"] = lambda body: (200, {
         "error": "Dataset is being processed"})
-    result = rcic_chain(env, "publish-bundle", bundle)
+    result = cli("publish-bundle", bundle)
     assert result.returncode == 2
     assert "Kaggle rejected dataset jdoe/rcic-package: Dataset is being processed" in result.stderr

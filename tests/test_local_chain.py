@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 
-from rcic.data.synthetic import SynthSpec, generate
 from rcic.errors import UserError
 from rcic.kaggle.local import run_local_chain, run_script
 from rcic.submission import check_submission
@@ -28,18 +27,11 @@ train:
 """
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("synth") / "d", SynthSpec(
-        n_classes=8, n_positive_controls=1, image_size=16, train_experiments=2,
-        test_experiments=1, cell_types=["HUVEC", "RPE"]))
-
-
-def test_three_stage_local_chain_matches_an_uninterrupted_run(tmp_path, data):
+def test_three_stage_local_chain_matches_an_uninterrupted_run(tmp_path, tiny_data):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
     lines = []
-    result = run_local_chain(3, "3m", tmp_path / "chain", recipe=recipe, data=data,
+    result = run_local_chain(3, "3m", tmp_path / "chain", recipe=recipe, data=tiny_data,
                              steps_per_stage=4, echo=lines.append)
     assert [k["name"] for k in result["kernels"]] == ["stage-01", "stage-02", "stage-03",
                                                       "submit"]
@@ -66,14 +58,14 @@ def test_three_stage_local_chain_matches_an_uninterrupted_run(tmp_path, data):
             "notebooks/local", f"notebooks/local/rcic-local-{previous}"]
 
     # A valid submission, scored against the embedded answer key by rcic-predict.
-    assert check_submission(result["submission"], data) == 16
+    assert check_submission(result["submission"], tiny_data) == 16
     assert "accuracy --plates assign" in (runs / "submit" / "kernel.log").read_text()
 
     # The same 12 steps in one process give bit-identical weights.
     full = tmp_path / "full"
     subprocess.run([sys.executable, "-c",
                     "import sys; from rcic.cli.stage import main; sys.exit(main(sys.argv[1:]))",
-                    "--config", str(recipe), "--data", str(data), "--out", str(full),
+                    "--config", str(recipe), "--data", str(tiny_data), "--out", str(full),
                     "--budget", "3m", "--resume-from", "--quiet"],
                    check=True, capture_output=True, cwd=tmp_path)
     chained = torch.load(runs / "stage-03" / "working" / "weights.pt", weights_only=False)
@@ -100,11 +92,11 @@ def test_a_kernel_past_its_limit_is_killed_without_warning(tmp_path):
     assert lines == ["started"] and (tmp_path / "log").read_text() == "started\n"
 
 
-def test_local_chain_refuses_a_used_folder_and_bad_budgets(tmp_path, data):
+def test_local_chain_refuses_a_used_folder_and_bad_budgets(tmp_path, tiny_data):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
-        run_local_chain(1, "1m", tmp_path / "used", data=data)
+        run_local_chain(1, "1m", tmp_path / "used", data=tiny_data)
     assert (tmp_path / "used" / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError, match="not a duration"):
-        run_local_chain(1, "soon", tmp_path / "new", data=data)
+        run_local_chain(1, "soon", tmp_path / "new", data=tiny_data)

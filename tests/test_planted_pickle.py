@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcic.checkpoint import latest_checkpoint, load_state
+from rcic.checkpoint import find_checkpoints, load_state
 from rcic.config import load_recipe
 from rcic.errors import UserError
 from rcic.weights import read_weights
-from test_stage import stage
+from helpers import stage
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def plant_checkpoint(trained, folder, marker, recipe=None):
     """A copy of the trained checkpoint whose state also holds a WritesMarker, with a manifest
     that matches it (whoever plants a file writes its manifest too). With `recipe`, the manifest
     claims that recipe, so that a stage of that recipe picks it."""
-    source = latest_checkpoint(trained)
+    source = find_checkpoints(trained)[0]
     target = folder / source.path.name
     shutil.copytree(source.path, target)
     state = torch.load(target / "state.pt", weights_only=True)
@@ -91,7 +91,7 @@ def test_library_loads_refuse_with_one_line(trained, tmp_path):
     marker = tmp_path / "marker"
     checkpoint = plant_checkpoint(trained, tmp_path / "c", marker)
     with pytest.raises(UserError, match=f"checkpoint {checkpoint} refused: .*io.open") as err:
-        load_state(latest_checkpoint(tmp_path / "c"))
+        load_state(find_checkpoints(tmp_path / "c")[0])
     assert "\n" not in str(err.value)
     weights = plant_weights(trained, tmp_path / "w", marker)
     with pytest.raises(UserError, match=f"weights file {weights} refused: .*io.open"):

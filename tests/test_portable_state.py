@@ -14,7 +14,7 @@ import torch
 from rcic import versions
 from rcic.portable import check_portable
 from test_pseudo import PSEUDO
-from test_stage import TINY, stage
+from helpers import TINY, stage
 
 NOTICE = "the continuation is exact only up to those differences"
 OTHER_PYTHON = os.environ.get("RCIC_OTHER_PYTHON")

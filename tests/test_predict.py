@@ -11,7 +11,8 @@ from rcic.config import Recipe
 from rcic.data.layout import RxRx1
 from rcic.errors import UserError
 from rcic.models import create_model
-from rcic.predict import Ensemble, resolve_checkpoints, view_probabilities, well_probabilities
+from rcic.inference import view_probabilities, well_probabilities
+from rcic.predict import Ensemble, resolve_checkpoints
 from rcic.submission import check_submission
 from rcic.tta import VIEWS, views
 from rcic.weights import save_weights

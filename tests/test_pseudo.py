@@ -4,7 +4,7 @@ import torch
 
 from rcic.config import PseudoConfig
 from rcic.pseudo import schedule_fraction
-from test_stage import same_weights, stage, weights
+from helpers import assert_same_weights, stage
 
 PSEUDO = ["pseudo.enabled=true", "pseudo.start_epoch=1", "pseudo.fraction_per_epoch=0.5",
           "train.epochs=3"]
@@ -24,7 +24,7 @@ def test_pseudo_labels_survive_stages_bit_exactly(tiny_data, tmp_path):
     for steps in ("5", "4"):
         stage(tiny_data, split, "--steps", steps, sets=PSEUDO)
     stage(tiny_data, split, sets=PSEUDO)
-    assert same_weights(weights(split), weights(whole))
+    assert_same_weights(split, whole)
 
     # Plain lists in the state, not a pickled DataFrame: it loads under any pandas, weights-only.
     state = torch.load(next(whole.glob("ckpt-*")) / "state.pt", weights_only=True)

@@ -1,33 +1,12 @@
 """rcic-stage as a user runs it: real subprocesses, real signals, real files."""
 import json
-import os
-import random
 import signal
 import subprocess
 import time
 
 import pytest
-import torch
 
-TINY = ["data.image_size=16", "data.batch_size=4", "train.epochs=2", "train.log_every_steps=3",
-        "train.checkpoint_every_steps=2", "data.num_workers=2"]
-
-
-def stage(data, out, *extra, budget="5m", sets=(), check=True):
-    cmd = ["rcic-stage", "--data", str(data), "--out", str(out), "--budget", budget, "--quiet",
-           "--set", *TINY, *sets, *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if check:
-        assert result.returncode == 0, result.stderr[-2000:]
-    return result
-
-
-def weights(out):
-    return torch.load(out / "weights.pt", weights_only=False)["model"]
-
-
-def same_weights(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+from helpers import TINY, assert_same_weights, stage
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +35,7 @@ def test_three_stages_are_bit_identical_to_one_run(tiny_data, tmp_path, referenc
         report = stage(tiny_data, out, "--steps", "3")
         assert '"done": false' in report.stdout
     stage(tiny_data, out)
-    assert same_weights(weights(out), weights(reference))
+    assert_same_weights(out, reference)
     assert (out / "metrics.csv").read_text() == (reference / "metrics.csv").read_text()
 
 
@@ -66,22 +45,8 @@ def test_plate_batches_resume_exactly_and_validate_per_plate(tiny_data, tmp_path
     stage(tiny_data, whole, sets=plates)
     stage(tiny_data, split, "--steps", "5", sets=plates)
     stage(tiny_data, split, sets=plates)
-    assert same_weights(weights(split), weights(whole))
+    assert_same_weights(split, whole)
     assert (split / "metrics.csv").read_text() == (whole / "metrics.csv").read_text()
-
-
-def test_sigkill_at_random_moments_never_loses_committed_work(tiny_data, tmp_path, reference):
-    out = tmp_path / "killed"
-    rng = random.Random(1)
-    cmd = ["rcic-stage", "--data", str(tiny_data), "--out", str(out), "--budget", "5m", "--quiet",
-           "--set", *TINY, "train.checkpoint_every_steps=1"]
-    for trial in range(2):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(4.0, 9.0))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    stage(tiny_data, out)
-    assert same_weights(weights(out), weights(reference))
 
 
 def test_finished_recipe_trains_nothing_and_carries_the_checkpoint(tiny_data, tmp_path, reference):
@@ -89,7 +54,7 @@ def test_finished_recipe_trains_nothing_and_carries_the_checkpoint(tiny_data, tm
     result = stage(tiny_data, out, "--resume-from", str(reference))
     report = json.loads((out / "stage.json").read_text())
     assert report["done"] is True and report["steps_this_stage"] == 0
-    assert same_weights(weights(out), weights(reference))
+    assert_same_weights(out, reference)
     assert any(p.name.startswith("ckpt-") for p in out.iterdir())
 
 
@@ -101,14 +66,14 @@ def test_recipe_with_other_training_fields_is_refused(tiny_data, tmp_path, refer
 
 
 def test_budget_is_never_exceeded(tiny_data, tmp_path):
-    # Slow steps (bigger images) and budgets that end mid-epoch.
-    # Budgets are short but not absurd: start-up (imports, data checks) alone takes seconds.
-    for trial, budget in enumerate([15, 20]):
-        out = tmp_path / f"b{trial}"
-        start = time.time()
-        stage(tiny_data, out, budget=f"{budget}s", sets=["data.image_size=48", "train.epochs=50"])
-        elapsed = time.time() - start
-        assert elapsed < budget, f"trial {trial}: {elapsed:.1f}s for a {budget}s budget"
+    # Slow steps (bigger images) and a budget that ends mid-epoch. Short but not absurd:
+    # start-up (imports, data checks) alone takes seconds. (tests/test_faults.py holds budgets
+    # with slow saves; its long trials draw many more budgets.)
+    out, budget = tmp_path / "b", 20
+    start = time.time()
+    stage(tiny_data, out, budget=f"{budget}s", sets=["data.image_size=48", "train.epochs=50"])
+    elapsed = time.time() - start
+    assert elapsed < budget, f"{elapsed:.1f}s for a {budget}s budget"
     assert json.loads((out / "stage.json").read_text())["global_step"] > 0
 
 

@@ -1,14 +1,16 @@
 """rcic-chain: a training run as a chain of Kaggle kernels, and a local dry run of the chain.
 
   init            render N stage kernels and a submission kernel into a folder
-  push            push them in order, each after the previous one completed
-  status          the state of every kernel of a chain
+  push            push them in order, each after the previous one completed; killed and run
+                  again, it continues where Kaggle says the chain stands (each kernel runs once)
+  submit          submit the submission kernel's output and wait for the scores
+  status          every kernel's state, version and run time, and what the chain costs
   output          download every kernel's outputs and log into DIR/<kernel>/output
   plan            how many stages a recipe needs, from a measured throughput
   publish-bundle  upload the bundle folder (tools/build_bundle.py) as a Kaggle dataset
   local           run the whole chain on this machine, as Kaggle would
 
-push, status, output and publish-bundle need Kaggle credentials (~/.kaggle/kaggle.json or
+push, submit, status, output and publish-bundle need Kaggle credentials (~/.kaggle/kaggle.json or
 KAGGLE_USERNAME and KAGGLE_KEY); nothing else does.
 """
 import argparse
@@ -28,6 +30,16 @@ def whole_number(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
 
 
+def seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 def cmd_init(args):
     spec = chain.ChainSpec(owner=args.owner, prefix=args.prefix, stages=args.stages,
                            recipe=Path(args.config), budget=args.budget,
@@ -42,30 +54,28 @@ def cmd_init(args):
 
 def cmd_push(args):
     from rcic.kaggle import client
+    from rcic.kaggle.driver import push_chain
 
-    folders = chain.kernel_folders(args.dir)
-    api = client.connect()
-    for folder in folders:
-        kernel = chain.kernel_id(folder)
-        version, url = client.push(api, folder, kernel)
-        print(f"pushed {kernel} (version {version}): {url}", flush=True)
-        # The next kernel reads this one's output, which exists only once it has completed.
-        client.wait(api, kernel, args.poll_seconds, echo=lambda s: print(s, flush=True))
-    print(f"chain complete: rcic-chain output {args.dir} downloads the submission")
+    chain.kernel_folders(args.dir)        # a broken folder fails before any credentials
+    push_chain(Path(args.dir), client.connect(), args.poll_seconds, retry=args.retry,
+               start_from=args.start_from, echo=lambda s: print(s, flush=True))
+
+
+def cmd_submit(args):
+    from rcic.kaggle import client
+    from rcic.kaggle.submit import submit_chain
+
+    chain.kernel_folders(args.dir)
+    submit_chain(Path(args.dir), client.connect(), args.message, args.poll_seconds,
+                 again=args.again, echo=lambda s: print(s, flush=True))
 
 
 def cmd_status(args):
     from rcic.kaggle import client
+    from rcic.kaggle.cost import chain_status
 
-    folders = chain.kernel_folders(args.dir)
-    api = client.connect()
-    for folder in folders:
-        kernel = chain.kernel_id(folder)
-        try:
-            state, message = client.status(api, kernel)
-        except UserError as err:
-            state, message = "unknown", str(err)
-        print(f"{folder.name:10s} {kernel}: {state}" + (f" ({message})" if message else ""))
+    chain.kernel_folders(args.dir)
+    chain_status(Path(args.dir), client.connect())
 
 
 def cmd_output(args):
@@ -136,13 +146,29 @@ def build_parser():
                    help="also stop each stage after N optimizer steps (default 0: budget only)")
     s.set_defaults(func=cmd_init)
 
-    s = sub.add_parser("push", help="push the kernels in order, waiting for each")
+    s = sub.add_parser("push", help="push the kernels in order, waiting for each; resumable")
     s.add_argument("dir")
-    s.add_argument("--poll-seconds", type=float, default=60.0,
+    s.add_argument("--poll-seconds", type=seconds, default=60.0,
                    help="seconds between status checks (default 60)")
+    s.add_argument("--retry", action="store_true",
+                   help="push again a kernel whose recorded run failed or was cancelled")
+    s.add_argument("--from", dest="start_from", metavar="KERNEL",
+                   help="run again from this kernel folder on, e.g. stage-03, even where it "
+                        "completed (once: rerun without --from to continue)")
     s.set_defaults(func=cmd_push)
 
-    for name, func, text in (("status", cmd_status, "show every kernel's state"),
+    s = sub.add_parser("submit", help="submit the chain's submission.csv, wait for the scores")
+    s.add_argument("dir")
+    s.add_argument("-m", "--message", help="the submission's description (default: the "
+                                           "kernel and version)")
+    s.add_argument("--again", action="store_true",
+                   help="submit even though this version of the kernel was submitted before")
+    s.add_argument("--poll-seconds", type=seconds, default=60.0,
+                   help="seconds between score checks (default 60)")
+    s.set_defaults(func=cmd_submit)
+
+    for name, func, text in (("status", cmd_status, "every kernel's state and what the chain "
+                                                    "costs against the GPU quota"),
                              ("output", cmd_output, "download outputs into DIR/<kernel>/output")):
         s = sub.add_parser(name, help=text)
         s.add_argument("dir")

@@ -7,13 +7,12 @@ batches predict each test plate with its own BatchNorm statistics (AdaBN) unless
 import json
 from pathlib import Path
 
-from rcic.cli.common import ArgumentParser, open_data, setup_logging
+from rcic.adabn import MODES as ADABN_MODES
+from rcic.cli.common import ArgumentParser, open_data
 from rcic.errors import cli_main
+from rcic.logs import setup_logging
 from rcic.plates import MODES
 from rcic.submission import check_output_path
-
-KAGGLE_INPUT = Path("/kaggle/input")
-LOCAL_RUNS = Path("runs")
 
 
 def run(argv):
@@ -26,7 +25,7 @@ def run(argv):
     p.add_argument("--tta", type=int, default=8, help="TTA views, 1 (none) to 8 (default 8)")
     p.add_argument("--plates", default="assign", choices=MODES,
                    help="plate step: assign (default), mask, or off (plain argmax)")
-    p.add_argument("--adabn", default="auto", choices=("auto", "on", "off"),
+    p.add_argument("--adabn", default="auto", choices=ADABN_MODES,
                    help="per-plate BatchNorm statistics (AdaBN): each test plate predicted with "
                         "statistics of its own images; auto (default) = on for weights trained "
                         "with data.plate_batches, off for the others")
@@ -39,23 +38,13 @@ def run(argv):
     args = p.parse_args(argv)
 
     check_output_path(args.out)          # before any work: prediction can take an hour
-    from rcic.predict import pick_device, predict, resolve_checkpoints   # torch after the args
-    from rcic.tta import views
-    tta = views(args.tta)
-    device = pick_device(args.device)
+    from rcic.predict import REPORT_NAME, describe, run_prediction   # torch after the args
     setup_logging()
-    data = open_data(args.data)
-    roots = [r for r in (KAGGLE_INPUT, LOCAL_RUNS) if r.is_dir()]
-    checkpoints = resolve_checkpoints(args.checkpoint, roots)
-    report = predict(data, checkpoints, args.out, tta, args.plates, args.batch_size, device,
-                     args.workers, args.cache, args.adabn)
-    print(f"wrote {report['submission']} ({report['rows']} rows, checked against {data.root})")
-    for mode, acc in report.get("accuracy", {}).items():
-        cells = ", ".join(f"{c} {a:.3f}" for c, a in acc["per_cell_type"].items())
-        print(f"accuracy --plates {mode}: {acc['overall']:.4f} ({cells})")
-    if "plate_groups_correct" in report:
-        print(f"test plates with the right siRNA group: {report['plate_groups_correct']}")
-    print(json.dumps({"report": str(Path(report["submission"]).parent / "predict_report.json")}))
+    data = args.data or open_data(None)   # a folder is opened after the cheaper checks
+    report = run_prediction(data, args.out, args.checkpoint or (), args.tta, args.plates,
+                            args.adabn, args.batch_size, args.device, args.workers, args.cache)
+    print(*describe(report), sep="\n")
+    print(json.dumps({"report": str(Path(report["submission"]).parent / REPORT_NAME)}))
 
 
 def main(argv=None):

@@ -1,31 +1,25 @@
 """rcic-stage: train one time-budgeted stage that resumes exactly where the last one stopped."""
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 from rcic.budget import Budget, parse_duration, process_start_time
-from rcic.cli.common import ArgumentParser, open_data, setup_logging
+from rcic.cli.common import ArgumentParser, open_data
 from rcic.config import load_recipe
 from rcic.errors import cli_main
+from rcic.search import KAGGLE_INPUT
 
-KAGGLE_INPUT = Path("/kaggle/input")
 
-
-def launch_distributed(gpus, argv, start):
-    """Re-run this command under torchrun, one process per GPU; they share this clock."""
-    argv, rest = [], list(argv if argv is not None else sys.argv[1:])
+def without_gpus(argv):
+    """The command line less its --gpus option: what each torchrun process runs."""
+    out, rest = [], list(argv if argv is not None else sys.argv[1:])
     while rest:
         token = rest.pop(0)
         if token == "--gpus":
             rest.pop(0)
         elif not token.startswith("--gpus="):
-            argv.append(token)
-    env = dict(os.environ, RCIC_START_TIME=repr(start))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={gpus}", "-m", "rcic.cli.stage", *argv]
-    return subprocess.run(cmd, env=env).returncode
+            out.append(token)
+    return out
 
 
 def run(argv):
@@ -51,25 +45,17 @@ def run(argv):
     args = p.parse_args(argv)
 
     budget = Budget(parse_duration(args.budget), start=start)
+    recipe = load_recipe(args.config, args.set)   # bad input: one line here, not one per process
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
-        load_recipe(args.config, args.set)   # bad input: one line here, not one per process
-        return launch_distributed(args.gpus, argv, start)
-    rank = int(os.environ.get("RANK", "0"))
-    recipe = load_recipe(args.config, args.set)
-    out = Path(args.out)
+        from rcic.stage import launch_distributed
+        return launch_distributed(args.gpus, without_gpus(argv), start)
     roots = list(args.resume_from) if args.resume_from is not None else (
         [KAGGLE_INPUT] if KAGGLE_INPUT.is_dir() else [])
-    roots.append(out)
     data = open_data(args.data)
-    from rcic.stage import Stage, check_writable   # torch loads only after the input is checked
-    if rank == 0:
-        check_writable(out)
-    setup_logging(out / "stage.log" if rank == 0 else None, args.quiet or rank > 0)
-    report = Stage(recipe, data, out, budget, roots, args.steps).run()
-    summary = {k: report[k] for k in ("done", "global_step", "total_steps", "epoch",
-                                      "seconds_used", "samples_per_second", "stages_left_estimate")}
-    if rank == 0:
-        print(json.dumps(summary), file=sys.stdout)
+    from rcic.stage import SUMMARY_KEYS, run_stage   # torch loads only after the input is checked
+    report = run_stage(recipe, data, args.out, budget, roots, args.steps, args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: report[k] for k in SUMMARY_KEYS}), file=sys.stdout)
 
 
 def main(argv=None):

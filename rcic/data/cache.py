@@ -31,9 +31,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from rcic.atomic import PARTIAL, write_atomic
 from rcic.data import layout, synthetic
+from rcic.data.layout import plate_key
 from rcic.data.images import decode_site
-from rcic.errors import UserError
+from rcic.errors import UserError, refuse_nonempty
 
 FORMAT_VERSION = 1
 FORMATS = ("raw", "zlib")
@@ -99,8 +101,7 @@ def cached_sites(data, split):
 
 def chunk_plan(sites):
     """{chunk name: positions in sites}, one chunk a plate, in a stable order."""
-    groups = sites.groupby(["experiment", "plate"], sort=True).indices
-    return {f"{exp}_{plate}": rows for (exp, plate), rows in groups.items()}
+    return sites.groupby(plate_key(sites).to_numpy(), sort=True).indices
 
 
 # -- encoding one site ------------------------------------------------------------------------
@@ -117,15 +118,6 @@ def decode(fmt, buf, size):
 
 
 # -- building ---------------------------------------------------------------------------------
-def write_atomic(path, text):
-    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 _source = None   # in a build worker: the SiteCache the sites are copied from, or None: PNGs
 
 
@@ -144,9 +136,9 @@ def build_chunk(folder, name, fmt, size, sites):
     """
     chunks = Path(folder) / CHUNKS
     final = chunks / f"{name}{SUFFIX[fmt]}"
-    tmp = chunks / f"{final.name}.partial-{os.getpid()}"
     ranges = []
-    with open(tmp, "wb") as f:
+
+    def write(f):
         if fmt == "raw":
             np.lib.format.write_array_header_1_0(f, {
                 "descr": "|u1", "fortran_order": False,
@@ -156,9 +148,8 @@ def build_chunk(folder, name, fmt, size, sites):
             start = f.tell()
             f.write(encode(fmt, pixels))
             ranges.append([start, f.tell()])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+
+    write_atomic(final, write)
     marker = {"name": name, "file": f"{CHUNKS}/{final.name}", "bytes": final.stat().st_size,
               "crc32": file_crc(final), "ranges": ranges}
     write_atomic(chunks / f"{name}.done.json", json.dumps(marker))
@@ -196,9 +187,8 @@ def claim_folder(out, spec):
                 f" px {theirs.get('format')}; asked: {spec['size']} px {spec['format']}): choose "
                 f"another --out; nothing was changed")
         return name == MANIFEST
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not an rcic cache folder: choose an empty or new "
-                        f"--out; nothing was changed")
+    refuse_nonempty(out, "cache folder", "it is not an rcic cache folder; choose an empty or "
+                                        "new --out (nothing was changed)")
     try:
         (out / CHUNKS).mkdir(parents=True, exist_ok=True)
         write_atomic(out / BUILDING, json.dumps(spec, indent=1))
@@ -250,7 +240,7 @@ def build_cache(data, out, size, workers=None, progress=True, format="raw", sour
     plan = chunk_plan(all_sites)
     markers = {name: finished_chunk(out, name, len(rows)) for name, rows in plan.items()}
     todo = [name for name, marker in markers.items() if marker is None]
-    for stale in (out / CHUNKS).glob("*.partial-*"):   # from killed runs; never trusted
+    for stale in (out / CHUNKS).glob(f"*{PARTIAL}*"):   # from killed runs; never trusted
         stale.unlink(missing_ok=True)
     done_sites = len(all_sites) - sum(len(plan[name]) for name in todo)
     sites = list(all_sites.itertuples(index=False))

@@ -106,7 +106,7 @@ def norm_keys(sites, normalization):
     if normalization == "experiment":
         keys = sites["experiment"]
     elif normalization == "plate":
-        keys = sites["experiment"] + "_" + sites["plate"].astype(str)
+        keys = plate_key(sites)
     else:
         raise UserError(f"data.normalization {normalization!r} is unknown: use image, "
                         f"experiment or plate")
@@ -184,10 +184,6 @@ class EpochBatchSampler(Sampler):
     def __iter__(self):
         for batch in self.batches[self.start:]:
             yield [(self.epoch, int(i)) for i in batch]
-
-
-def steps_per_epoch(n, batch_size, groups=None, world=1):
-    return len(EpochBatchSampler(n, batch_size, 0, 0, groups=groups, world=world).batches)
 
 
 def ignore_stop_signals(_worker_id):

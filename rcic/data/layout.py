@@ -38,6 +38,12 @@ EXPERIMENT_RE = re.compile(r"^([A-Za-z0-9]+)-(\d+)$")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def plate_key(frame):
+    """"<experiment>_<plate>" of every row of `frame`: the one name of a physical plate (an
+    experiment's plate numbers repeat in every experiment)."""
+    return frame["experiment"].astype(str) + "_" + frame["plate"].astype(str)
+
+
 def cell_type_of(experiment):
     """'HUVEC-07' -> 'HUVEC'."""
     return experiment.rsplit("-", 1)[0]
@@ -95,7 +101,7 @@ class RxRx1:
                             f"folder, or leave --data out to use the embedded synthetic data")
         problems = Problems(self.root)
         tables = {name: self._read_csv(name, problems) for name in SCHEMAS}
-        problems.raise_if_any("Fix the CSV files named above (schemas: see FACTS in the README).")
+        problems.raise_if_any("Fix the CSV files named above (schemas: docs/rxrx1-and-kaggle.md).")
         self.tables = tables
         self.wells = self._build_wells(tables, problems)
         problems.raise_if_any("Fix or restore the CSV rows named above.")
@@ -165,7 +171,7 @@ class RxRx1:
         if len(bad_well):
             problems.add(f"well {bad_well['well'].iloc[0]} of {bad_well['id_code'].iloc[0]} is "
                          f"not on the 308-well grid B02..O23")
-        expected_id = wells["experiment"] + "_" + wells["plate"].astype(str) + "_" + wells["well"]
+        expected_id = plate_key(wells) + "_" + wells["well"]
         bad_id = wells[wells["id_code"] != expected_id]
         if len(bad_id):
             problems.add(f"id_code {bad_id['id_code'].iloc[0]} does not match its experiment, "
@@ -299,7 +305,7 @@ class RxRx1:
                             f"'{by}' needs it: restore the file or set data.normalization=image")
         stats = stats.copy()
         stats["key"] = (stats["experiment"] if by == "experiment"
-                        else stats["experiment"] + "_" + stats["plate"].astype(str))
+                        else plate_key(stats))
         stats["sq"] = stats["std"] ** 2 + stats["mean"] ** 2
         grouped = stats.groupby(["key", "channel"])[["mean", "sq"]].mean()
         out = {}

@@ -15,10 +15,10 @@ import sys
 from importlib import metadata as dist_metadata
 from pathlib import Path
 
-from rcic.errors import UserError
+from rcic.errors import UserError, refuse_nonempty
 from rcic.kaggle import metadata
 
-# Runtime dependencies of rcic that Kaggle's image does not have (see FACTS.md).
+# Runtime dependencies of rcic that Kaggle's image does not have (docs/rxrx1-and-kaggle.md).
 MISSING_ON_KAGGLE = ["efficientnet-pytorch"]
 
 
@@ -50,9 +50,7 @@ def build_bundle(out, owner, project, template=None):
     if not (project / "setup.py").is_file():
         raise UserError(f"{project} has no setup.py: run from (or pass --project) the rcic "
                         f"source folder")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"bundle folder {out} exists and is not empty: choose a new --out or "
-                        f"delete it first")
+    refuse_nonempty(out, "bundle folder")
     template = Path(template or project / metadata.DATASET_METADATA)
     meta = metadata.dataset_metadata(metadata.read_json(template), metadata.check_owner(owner))
     out.mkdir(parents=True, exist_ok=True)

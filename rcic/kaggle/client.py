@@ -1,4 +1,5 @@
-"""Push, watch and download kernels, and publish the bundle, through the real `kaggle` client.
+"""Push, watch and download kernels, submit, and publish the bundle, through the real `kaggle`
+client.
 
 The client reports most server-side failures in what it returns, not by raising or by its
 exit status (a rejected push is a response with `error` set; a failed kernel is a status of
@@ -11,8 +12,18 @@ import time
 
 from rcic.errors import UserError
 
-FINISHED = {"complete", "error", "cancel_requested", "cancel_acknowledged"}
-FAILED = FINISHED - {"complete"}
+# The states Kaggle reports for a kernel's run (kagglesdk's KernelWorkerStatus), lower-cased.
+WAITING = {"queued", "running", "new_script"}       # new_script: saved, not yet queued
+COMPLETE = "complete"
+# A run being cancelled will not complete either: the chain cannot go on from it.
+FAILED = {"error", "cancel_requested", "cancel_acknowledged"}
+FINISHED = FAILED | {COMPLETE}
+
+# A network failure while waiting is retried after poll_seconds, then twice as long each time,
+# up to MAX_BACKOFF_SECONDS apart; after NETWORK_RETRIES failures in a row the driver stops
+# (what it pushed is recorded: rerunning it continues).
+NETWORK_RETRIES = 8
+MAX_BACKOFF_SECONDS = 30 * 60
 
 
 def connect():
@@ -47,8 +58,45 @@ def calling(what):
         raise UserError(f"the kaggle client refused {what}: {err}") from None
 
 
+def transient(err):
+    """Whether a failed call is worth repeating: no network, a timeout, Kaggle busy or down."""
+    import requests
+
+    if isinstance(err, (requests.ConnectionError, requests.Timeout)):
+        return True
+    if isinstance(err, requests.HTTPError) and err.response is not None:
+        return err.response.status_code == 429 or err.response.status_code >= 500
+    return False
+
+
+def http_status(err):
+    response = getattr(err, "response", None)
+    return response.status_code if response is not None else None
+
+
+def patiently(call, what, poll_seconds, echo, sleep, then, retry_missing=False):
+    """call(), repeating it after a network failure with growing pauses; any other failure,
+    or NETWORK_RETRIES failures in a row, is one line. `then` says how to carry on after that.
+    `retry_missing`: a 404 is also repeated (a version just pushed may not be visible yet)."""
+    for failures in range(NETWORK_RETRIES + 1):
+        try:
+            return call()
+        except Exception as err:   # the client raises requests', urllib3's and its own types
+            if not (transient(err) or (retry_missing and http_status(err) == 404)):
+                with calling(what):
+                    raise
+            reason = f"{type(err).__name__}" + (f" {http_status(err)}" if http_status(err) else "")
+            if failures == NETWORK_RETRIES:
+                raise UserError(f"Kaggle did not answer {what} {failures + 1} times in a row "
+                                f"({reason}): {then}") from None
+            delay = min(poll_seconds * 2 ** failures, MAX_BACKOFF_SECONDS)
+            echo(f"no answer from Kaggle for {what} ({reason}): trying again in {delay:g} s")
+            sleep(delay)
+
+
 def push(api, folder, kernel):
-    """Push one kernel folder; returns (version number, url). A rejected push is a UserError."""
+    """Push one kernel folder; returns (version number, url, problem): a rejected push is a
+    UserError; `problem` says which inputs Kaggle did not accept for a kernel it saved."""
     with calling(f"the push of {kernel}"):
         response = api.kernels_push(str(folder))
     if response is None:
@@ -58,55 +106,144 @@ def push(api, folder, kernel):
     invalid = {"dataset": response.invalid_dataset_sources,
                "competition": response.invalid_competition_sources,
                "kernel": response.invalid_kernel_sources}
-    invalid = {kind: names for kind, names in invalid.items() if names}
-    if invalid:
-        listed = "; ".join(f"{kind} {', '.join(names)}" for kind, names in invalid.items())
-        # The kernel was saved, but it would run without these inputs and fail: stop here.
-        raise UserError(f"Kaggle accepted {kernel} but not its inputs ({listed}): publish the "
-                        f"bundle (rcic-chain publish-bundle), join the competition, and push "
-                        f"the kernels in order")
-    return response.version_number, response.url
+    listed = "; ".join(f"{kind} {', '.join(names)}" for kind, names in invalid.items() if names)
+    problem = None
+    if listed:
+        # The kernel was saved, but it runs without these inputs and fails.
+        problem = (f"Kaggle accepted {kernel} but not its inputs ({listed}): publish the bundle "
+                   f"(rcic-chain publish-bundle) and join the competition")
+    return response.version_number, response.url, problem
 
 
-def status(api, kernel):
-    """(state, failure message) of a kernel's latest run; state is e.g. 'running', 'error'."""
+def current_version(api, kernel, poll_seconds=60.0, echo=print, sleep=time.sleep):
+    """The number of the kernel's newest version on Kaggle, or None when it has none."""
+    import requests
+    from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelRequest
+
+    request = ApiGetKernelRequest()
+    request.user_name, request.kernel_slug = kernel.split("/")
+
+    def call():
+        try:
+            with api.build_kaggle_client() as kaggle:
+                return kaggle.kernels.kernels_api_client.get_kernel(request).metadata
+        except requests.HTTPError as err:
+            if http_status(err) == 404:
+                return None
+            raise
+    meta = patiently(call, f"the versions of {kernel}", poll_seconds, echo, sleep,
+                     "run the same command again once Kaggle answers")
+    return meta.current_version_number if meta is not None else None
+
+
+def read_status(api, kernel, version=None):
+    """(state, failure message) of a kernel's latest run, or of `version`; raises what the
+    client raises. state is lower-case, e.g. 'running', or the name of a state rcic does not
+    know (kagglesdk cannot parse one: the KeyError it raises carries the name)."""
+    try:
+        response = api.kernels_status(f"{kernel}/{version}" if version else kernel)
+    except KeyError as err:
+        return (str(err.args[0]).lower() if err.args else "unknown"), ""
+    return response.status.name.lower(), response.failure_message or ""
+
+
+def status(api, kernel, version=None):
     with calling(f"the status of {kernel}"):
-        response = api.kernels_status(kernel)
-    state = getattr(response.status, "name", str(response.status)).lower()
-    return state, response.failure_message or ""
+        return read_status(api, kernel, version)
 
 
-def wait(api, kernel, poll_seconds, echo=print, sleep=time.sleep, trust_after_polls=3):
-    """Poll until the kernel's run has finished; a run that failed is a UserError.
+def wait(api, kernel, version, poll_seconds, echo=print, sleep=time.sleep, on_state=None,
+         trust_after_polls=3):
+    """Poll a kernel's run until it has finished; returns (state, failure message).
 
     Just after a push the server may still answer with the previous run's final state, so a
-    finished state is trusted once a run was seen queued or running, or after a few polls.
+    finished state is trusted once the run was seen waiting, or after `trust_after_polls` polls
+    (0 for a run pushed long ago). `on_state(state)` hears every change of state.
     """
-    seen_active, last, polls = False, None, 0
+    seen_waiting, last, polls = False, None, 0
+    ref = f"{kernel} version {version}" if version else kernel
     while True:
-        state, message = status(api, kernel)
+        state, message = patiently(lambda: read_status(api, kernel, version),
+                                   f"the status of {ref}", poll_seconds, echo, sleep,
+                                   "what was pushed is recorded: run rcic-chain push DIR again "
+                                   "to continue", retry_missing=True)
         polls += 1
         if state != last:
-            echo(f"{kernel}: {state}")
+            known = state in WAITING or state in FINISHED
+            echo(f"{ref}: {state}" + ("" if known else " (a state rcic does not know: it "
+                                                        "keeps waiting for a known one)"))
             last = state
+            if on_state is not None:
+                on_state(state)
         if state not in FINISHED:
-            seen_active = True
-        elif seen_active or polls >= trust_after_polls:
-            break
+            seen_waiting = True
+        elif seen_waiting or polls >= trust_after_polls:
+            return state, message
         sleep(poll_seconds)
-    if state in FAILED:
-        detail = f": {message}" if message else ""
-        raise UserError(f"kernel {kernel} ended in {state.upper()}{detail}. Its log: "
-                        f"rcic-chain output DIR downloads it beside the outputs")
-    return state
 
 
-def download_output(api, kernel, dest):
-    """Download a kernel's outputs and log into `dest`; returns the files written."""
+def download_output(api, kernel, dest, version=None, pattern=None):
+    """Download a kernel's outputs (those whose name matches the regex `pattern`, and the log)
+    into `dest`; returns the files written."""
     dest.mkdir(parents=True, exist_ok=True)
     with calling(f"the outputs of {kernel}"):
-        files, _ = api.kernels_output(kernel, str(dest), force=True, quiet=True)
+        files, _ = api.kernels_output(f"{kernel}/{version}" if version else kernel, str(dest),
+                                      file_pattern=pattern, force=True, quiet=True)
     return files
+
+
+def submit_file(api, path, competition, message):
+    """Upload a submission file to the competition; returns Kaggle's ref of the submission."""
+    with calling(f"the submission to {competition}"):
+        response = api.competition_submit(str(path), message, competition, quiet=True)
+    if response is None or not response.ref:
+        reason = (response.message if response is not None else "") or "no answer"
+        raise UserError(f"Kaggle did not take the submission to {competition}: {reason}")
+    return response.ref
+
+
+def read_submission(api, ref):
+    """(state, public score, private score, error) of a submission; raises what the client
+    raises. A state kagglesdk cannot parse comes back by its name, as in read_status."""
+    try:
+        submission = api.get_submission(ref)
+    except KeyError as err:
+        return (str(err.args[0]).lower() if err.args else "unknown"), None, None, None
+    return (submission.status.name.lower(), submission.public_score, submission.private_score,
+            (submission.error_description or "").strip())
+
+
+def wait_for_score(api, ref, poll_seconds, echo=print, sleep=time.sleep):
+    """Poll a submission until Kaggle has scored it; returns (public, private) scores."""
+    last = None
+    while True:
+        state, public, private, error = patiently(
+            lambda: read_submission(api, ref), f"the score of submission {ref}", poll_seconds,
+            echo, sleep, "run rcic-chain submit DIR again to keep waiting", retry_missing=True)
+        if state != last:
+            known = state in ("pending", "complete", "error")
+            echo(f"submission {ref}: {state}" + ("" if known else " (a state rcic does not "
+                                                                  "know: it keeps waiting)"))
+            last = state
+        if state == "complete":
+            return public, private
+        if state == "error":
+            raise UserError(f"Kaggle could not score submission {ref}: "
+                            f"{error or 'no reason given'}")
+        sleep(poll_seconds)
+
+
+def gpu_quota(api):
+    """(hours used, hours allowed) of the account's weekly GPU quota, or None if not told."""
+    import requests
+
+    try:
+        quota = api.quota_view().gpu_quota
+    except (requests.RequestException, ValueError):
+        return None
+    if quota is None or quota.total_time_allowed is None or quota.time_used is None:
+        return None
+    return quota.time_used.total_seconds() / 3600, quota.total_time_allowed.total_seconds() / 3600
 
 
 def publish_dataset(api, folder, ref, notes):

@@ -12,22 +12,23 @@ from pathlib import Path
 from rcic import search
 from rcic.errors import UserError, cli_main
 
-def is_data_dir(folder):
-    return (folder / "train.csv").is_file() and (folder / "test.csv").is_file()
+
+def shallowest_first(paths):
+    return sorted(paths, key=lambda path: (len(path.parts), str(path)))
 
 
 def find_shallow(root, name):
     """Files called `name` under `root`, shallowest first, outside any RxRx1 data folder.
     Symlinked folders are followed: the local dry run links its inputs."""
-    found = [folder / name for folder, files in search.walk(root) if name in files]
-    return sorted(found, key=lambda path: (len(path.parts), str(path)))
+    return shallowest_first(folder / name for folder, files in search.walk(root) if name in files)
 
 
 def find_data_dir(root):
     """The competition data folder under `root`: the shallowest holding train.csv and test.csv."""
-    for csv in find_shallow(root, "train.csv"):
-        if is_data_dir(csv.parent):
-            return csv.parent
+    found = shallowest_first(folder for folder, files in search.walk(root)
+                             if search.is_data_folder(files))
+    if found:
+        return found[0]
     raise UserError(f"no RxRx1 data (train.csv and test.csv) under {root}: attach the "
                     f"competition to the kernel (competition_sources in kernel-metadata.json)")
 
@@ -45,29 +46,36 @@ def gpu_count():
 
 
 def run_stage(settings, input_root, working):
-    from rcic.cli.stage import main as stage_main
+    from rcic.budget import Budget, parse_duration
+    from rcic.config import load_recipe
+    from rcic.data.layout import RxRx1
+    from rcic.stage import launch_distributed, run_stage as train_stage
 
+    budget = Budget(parse_duration(settings["budget"]))
     data = find_data_dir(input_root)
     # Resume from the attached outputs of earlier stages (each holds a stage.json), not from all
     # of the input: walking the competition's image tree would list ~500,000 files.
     previous = [str(report.parent) for report in find_shallow(input_root, "stage.json")]
-    argv = ["--data", str(data), "--out", str(working), "--budget", settings["budget"],
-            "--resume-from", *previous]
+    recipe_file = None
     if settings.get("recipe_yaml"):
         # The recipe travels inside the script (Kaggle uploads nothing else); the stage writes
         # it beside its checkpoint, so it is kept with the outputs either way.
-        recipe = Path(tempfile.mkdtemp(prefix="rcic-recipe-")) / settings["recipe_file"]
-        recipe.write_text(settings["recipe_yaml"])
-        argv += ["--config", str(recipe)]
-    if settings.get("steps"):
-        argv += ["--steps", str(settings["steps"])]
-    gpus = gpu_count()
-    if gpus > 1:   # NvidiaTeslaT4 machines have two: one DDP process per GPU
-        argv += ["--gpus", str(gpus)]
+        recipe_file = Path(tempfile.mkdtemp(prefix="rcic-recipe-")) / settings["recipe_file"]
+        recipe_file.write_text(settings["recipe_yaml"])
+    recipe = load_recipe(recipe_file)
+    steps = settings.get("steps") or 0
     print(f"rcic stage {settings['stage']}/{settings['stages']}: data {data}, "
           f"budget {settings['budget']}, earlier stages: {', '.join(previous) or 'none'}",
           flush=True)
-    status = stage_main(argv)
+    gpus = gpu_count()
+    if gpus > 1:   # NvidiaTeslaT4 machines have two: one DDP process per GPU, on this clock
+        argv = ["--data", str(data), "--out", str(working), "--budget", settings["budget"],
+                "--steps", str(steps), "--resume-from", *previous]
+        status = launch_distributed(gpus, argv + (["--config", str(recipe_file)]
+                                                  if recipe_file else []), budget.start)
+    else:
+        train_stage(recipe, RxRx1(data), working, budget, previous, steps)
+        status = 0
     report = working / "stage.json"
     if report.is_file():
         r = json.loads(report.read_text())
@@ -84,7 +92,8 @@ def run_stage(settings, input_root, working):
 
 
 def run_submit(settings, input_root, working):
-    from rcic.cli.predict import main as predict_main
+    from rcic.logs import setup_logging
+    from rcic.predict import describe, run_prediction
     from rcic.weights import WEIGHTS_NAME
 
     data = find_data_dir(input_root)
@@ -97,12 +106,8 @@ def run_submit(settings, input_root, working):
             print(f"rcic submit kernel: warning: {report} says the recipe is not finished; "
                   f"predicting with the weights trained so far", flush=True)
     out = working / "submission.csv"
-    argv = ["--data", str(data), "--out", str(out)]
-    for path in weights:
-        argv += ["--checkpoint", str(path)]
     print(f"rcic submit kernel: data {data}, weights {', '.join(map(str, weights))}", flush=True)
-    status = predict_main(argv)
-    if status == 0 and out.is_file():
-        rows = sum(1 for _ in out.open()) - 1
-        print(f"rcic submit kernel: wrote {out} ({rows} rows)", flush=True)
-    return status
+    setup_logging()
+    report = run_prediction(data, out, weights)
+    print(*(f"rcic submit kernel: {line}" for line in describe(report)), sep="\n", flush=True)
+    return 0

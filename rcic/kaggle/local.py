@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from rcic.errors import UserError
+from rcic.errors import UserError, refuse_nonempty
 from rcic.kaggle import chain, metadata
 from rcic.kaggle.bundle import build_bundle
 
@@ -99,9 +99,7 @@ def run_local_chain(stages, budget, out, recipe=None, data=None, steps_per_stage
     from rcic.submission import check_submission
 
     out = Path(out).absolute()   # kernels run with their working folder as cwd
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output folder {out} exists and is not empty: choose a new --out or "
-                        f"delete it first")
+    refuse_nonempty(out)
     data = Path(data) if data else default_data_dir()
     RxRx1(data)   # a broken data folder is one clear line now, not a failed first kernel
     spec = chain.ChainSpec(owner=LOCAL_OWNER, prefix=LOCAL_PREFIX, stages=stages, budget=budget,

@@ -10,9 +10,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from rcic.budget import USABLE_FRACTION
 from rcic.errors import UserError
-
-USABLE_FRACTION = 0.9
 
 
 @dataclass

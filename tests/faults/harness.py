@@ -10,7 +10,7 @@ random moment or at the moment a file-system trace of an operation appears:
   ckpt-write a checkpoint being written (a ``.tmp-ckpt-*`` folder exists), after a short random
              delay so that kills land at different points of the write / manifest / rename
   ckpt-prune an older checkpoint being removed (``.tmp-ckpt-removing-*`` or ``*.old-*``)
-  weights    the inference weights being written (``.weights.pt.tmp``)
+  weights    the inference weights being written (``.weights.pt.partial-*``)
   chunk      a cache chunk being written (``chunks/*.partial-*``)
 
 A trace watched for may never appear (the process ended first): the trial then reports
@@ -28,7 +28,7 @@ POLL = 0.002        # seconds between looks at the folder: saves of the tiny mod
 TRACES = {
     "ckpt-write": lambda name: name.startswith(".tmp-ckpt-") and "removing" not in name,
     "ckpt-prune": lambda name: name.startswith(".tmp-ckpt-removing-") or ".old-" in name,
-    "weights": lambda name: name == ".weights.pt.tmp",
+    "weights": lambda name: name.startswith(".weights.pt.partial-"),
     "chunk": lambda name: ".partial-" in name,
 }
 

@@ -1,0 +1,108 @@
+"""`rcic-chain push`: run the chain's kernels in order, each exactly once, surviving its own death.
+
+The driver may be killed at any moment (a laptop that sleeps, an SSH session that drops) in a
+chain that takes days. It writes down each push before waiting on it (rcic.kaggle.record), and a
+rerun asks Kaggle where each kernel stands instead of pushing again:
+
+    recorded and complete         skipped
+    recorded, queued or running   waited for
+    recorded, failed              reported; pushed again only with --retry
+    pushed but not recorded       found by asking Kaggle for the kernel's version
+    never pushed                  pushed, once the kernel before it has completed
+"""
+import time
+
+from rcic.errors import UserError
+from rcic.kaggle import chain, client, lock
+from rcic.kaggle.record import Record
+
+
+class Driver:
+    def __init__(self, chain_dir, api, poll_seconds, echo=print, sleep=time.sleep):
+        self.chain_dir, self.api, self.poll_seconds = chain_dir, api, poll_seconds
+        self.echo, self.sleep = echo, sleep
+        self.record = Record(chain_dir)
+
+    def run(self, retry=False, start_from=None):
+        folders = chain.kernel_folders(self.chain_dir)
+        if start_from is not None:
+            names = [f.name for f in folders]
+            if start_from not in names:
+                raise UserError(f"--from {start_from}: {self.chain_dir} has no such kernel; "
+                                f"choose one of {', '.join(names)}")
+            for name in names[names.index(start_from):]:
+                self.record.forget(name)
+        for folder in folders:
+            self.run_kernel(folder, retry)
+        self.echo(f"chain complete: rcic-chain submit {self.chain_dir} submits its output")
+
+    def run_kernel(self, folder, retry):
+        name, kernel = folder.name, chain.kernel_id(folder)
+        attempt = self.resolve_intent(name, kernel)
+        if attempt is not None and attempt["state"] not in client.FINISHED:
+            self.echo(f"{kernel} version {attempt['version']} was pushed before: waiting for it")
+            # Pushed a while ago: its state is this version's, not a previous run's.
+            settled = time.time() - attempt["pushed_at"] > 3 * self.poll_seconds
+            self.watch(attempt, trust_after_polls=0 if settled else 3)
+        if attempt is None or (attempt["state"] in client.FAILED and retry):
+            attempt = self.push(name, folder, kernel)
+            self.watch(attempt)
+        elif attempt["state"] == client.COMPLETE:
+            self.echo(f"{kernel} version {attempt['version']}: complete (not pushed again)")
+        if attempt["state"] in client.FAILED:
+            detail = f": {attempt['message']}" if attempt["message"] else ""
+            raise UserError(f"kernel {kernel} version {attempt['version']} ended in "
+                            f"{attempt['state'].upper()}{detail}. Its log: rcic-chain output "
+                            f"{self.chain_dir} downloads it; rcic-chain push --retry "
+                            f"{self.chain_dir} pushes it again")
+
+    def resolve_intent(self, name, kernel):
+        """The kernel's current attempt, once an intent left by a killed driver is settled:
+        Kaggle's version is newer than the one before the push: the push landed."""
+        attempt = self.record.current(name)
+        if attempt is None or attempt["version"] is not None:
+            return attempt
+        version = client.current_version(self.api, kernel, self.poll_seconds, self.echo,
+                                         self.sleep)
+        if version is not None and (attempt["before"] is None or version > attempt["before"]):
+            self.echo(f"{kernel}: the push sent before the driver stopped reached Kaggle "
+                      f"(version {version})")
+            self.record.update(attempt, version=version, pushed_at=attempt["intent_at"])
+            return attempt
+        self.record.drop(name)
+        return None
+
+    def push(self, name, folder, kernel):
+        before = client.current_version(self.api, kernel, self.poll_seconds, self.echo,
+                                        self.sleep)
+        attempt = self.record.intend(name, kernel, before)
+        version, url, problem = client.push(self.api, folder, kernel)
+        self.record.update(attempt, version=version, pushed_at=time.time())
+        if problem:
+            raise UserError(f"{problem}, then run rcic-chain push --from {name} "
+                            f"{self.chain_dir}")
+        self.echo(f"pushed {kernel} (version {version}): {url}")
+        return attempt
+
+    def watch(self, attempt, trust_after_polls=3):
+        seen = set()
+
+        def on_state(state):
+            now = time.time()
+            if state not in client.FINISHED:
+                seen.add(state)
+                if state == "running" and attempt["running_at"] is None:
+                    self.record.update(attempt, running_at=now)
+            elif seen:
+                # Timed only when the driver saw the run end: one that ended while the driver
+                # was away took an unknown time (rcic-chain status reads its stage.json then).
+                self.record.update(attempt, finished_at=now)
+        state, message = client.wait(self.api, attempt["kernel"], attempt["version"],
+                                     self.poll_seconds, self.echo, self.sleep, on_state,
+                                     trust_after_polls)
+        self.record.update(attempt, state=state, message=message)
+
+
+def push_chain(chain_dir, api, poll_seconds, retry=False, start_from=None, echo=print):
+    with lock.exclusive(chain_dir, f"rcic-chain push {chain_dir}"):
+        Driver(chain_dir, api, poll_seconds, echo).run(retry, start_from)
