@@ -12,8 +12,10 @@ so every path reads the same sites. "per core" is a loop in this process; "worke
 DataLoader with --workers processes (default: all cores), timed after its first batch.
 
     python tools/bench_loader.py --size 256
+    python tools/bench_loader.py --paths seeds cache-raw --json loader.json   # as gpu_check.py
 """
 import argparse
+import json
 import os
 import platform
 import sys
@@ -34,6 +36,9 @@ from rcic.data.synthetic import SynthSpec, generate
 # Fixed per-channel statistics, as the seeds' Normalize used (values of RxRx1's dim channels).
 SEED_MEAN = np.array([6.7, 16.0, 9.8, 10.1, 5.8, 8.6], np.float32)[:, None, None] / 255
 SEED_STD = np.array([7.9, 11.9, 6.6, 8.1, 4.8, 5.4], np.float32)[:, None, None] / 255
+
+
+PATHS = ["seeds", "png", "cache-raw", "cache-zlib", "in-memory"]
 
 
 def seeds_way(paths):
@@ -83,12 +88,17 @@ def main():
     parser.add_argument("--size", type=int, default=256, help="image side of the synthetic PNGs")
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--classes", type=int, default=16,
+                        help="synthetic treatments, a multiple of 4: 6 sites each (96 by default)")
+    parser.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS,
+                        help="the paths to measure (default: all; the first is the baseline)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)   # one core means one core, for numpy, OpenCV and torch alike
 
     with tempfile.TemporaryDirectory(prefix="rcic-bench-") as tmp:
         tmp = Path(tmp)
-        spec = SynthSpec(n_classes=16, n_positive_controls=1, image_size=args.size,
+        spec = SynthSpec(n_classes=args.classes, n_positive_controls=1, image_size=args.size,
                          train_experiments=1, test_experiments=1, cell_types=["HUVEC"])
         data = RxRx1(generate(tmp / "data", spec))
         rows = list(data.sites.itertuples(index=False))
@@ -103,7 +113,7 @@ def main():
 
         loads = {"seeds": lambda i: seeds_way(paths[i]),
                  "png": lambda i: decode_site(paths[i], args.size)}
-        for fmt in ("raw", "zlib"):
+        for fmt in [f for f in ("raw", "zlib") if f"cache-{f}" in args.paths]:
             start = time.perf_counter()
             folder = build_cache(data, tmp / fmt, args.size, workers=args.workers,
                                  progress=False, format=fmt)
@@ -117,24 +127,34 @@ def main():
                   f"opened and verified in {opened * 1e3:.0f} ms")
             loads[f"cache-{fmt}"] = lambda i, cache=cache, r=rows: cache.read(r[i].id_code,
                                                                              r[i].site)
-        start = time.perf_counter()
-        build_cache(data, tmp / "expanded", args.size, workers=args.workers, progress=False,
-                    source=tmp / "zlib")
-        print(f"cache-raw from cache-zlib (rcic-cache --from): built at "
-              f"{n / (time.perf_counter() - start):.0f} sites/s with {args.workers} workers")
+        if "cache-zlib" in args.paths:
+            start = time.perf_counter()
+            build_cache(data, tmp / "expanded", args.size, workers=args.workers, progress=False,
+                        source=tmp / "zlib")
+            print(f"cache-raw from cache-zlib (rcic-cache --from): built at "
+                  f"{n / (time.perf_counter() - start):.0f} sites/s with {args.workers} workers")
 
-        pixels = np.stack([decode_site(p, args.size) for p in paths])
-        loads["in-memory"] = lambda i: pixels[i].copy()
+        if "in-memory" in args.paths:
+            pixels = np.stack([decode_site(p, args.size) for p in paths])
+            loads["in-memory"] = lambda i: pixels[i].copy()
 
-        print(f"\n{'path':<12}{'per core /s':>13}{'x seeds':>9}"
-              f"{f'{args.workers} workers /s':>17}{'x seeds':>9}")
-        base = None
-        for name, load in loads.items():
-            one = per_core(load, n, args.seconds)
-            many = with_workers(load, n, args.workers, args.seconds)
+        x_base = f"x {args.paths[0]}"
+        print(f"\n{'path':<12}{'per core /s':>13}{x_base:>9}"
+              f"{f'{args.workers} workers /s':>17}{x_base:>9}")
+        base, results = None, []
+        for name in args.paths:
+            one = per_core(loads[name], n, args.seconds)
+            many = with_workers(loads[name], n, args.workers, args.seconds)
             base = base or (one, many)
             print(f"{name:<12}{one:>13.0f}{one / base[0]:>9.1f}{many:>17.0f}"
                   f"{many / base[1]:>9.1f}")
+            results.append({"path": name, "per_core_per_s": round(one, 1),
+                            "workers_per_s": round(many, 1),
+                            "x_baseline_per_core": round(one / base[0], 2),
+                            "x_baseline_workers": round(many / base[1], 2)})
+        if args.json:
+            args.json.write_text(json.dumps({"size": args.size, "sites": n, "workers": args.workers,
+                                             "seconds": args.seconds, "paths": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,17 @@ Variants are measured in alternating rounds (baseline, rcic, baseline, rcic, ...
 warm-up, and the best round of each is reported: on a shared machine the best round is the one
 least disturbed by other jobs.
 
+On CUDA it also reports each variant's peak GPU memory while measured and, with --max-batch,
+the largest batch that fits: one step at the benchmark batch, doubled until it runs out of
+memory or reaches --max-batch (a bounded search: "at least" when the bound is reached).
+
     python tools/bench_train.py                                  # CPU defaults: tiny, 64 px
     python tools/bench_train.py --backbone resnet50 --size 256   # on a GPU (the defaults there)
+    python tools/bench_train.py --data DIR --max-batch 1024 --json step.json  # as gpu_check.py
 """
 import argparse
+import gc
+import json
 import os
 import platform
 import sys
@@ -92,6 +99,9 @@ class Baseline:
         loss.item()      # the seeds logged a running loss every step: one host sync per step
         return len(labels)
 
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
 
 class RcicStep:
     """rcic's own step: Trainer.step_groups feeding Trainer.train_step, epoch after epoch."""
@@ -109,6 +119,9 @@ class RcicStep:
         self.trainer.train_step(group)
         return sum(len(b["label"]) for b in group)
 
+    def zero_grad(self):
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+
 
 class Meter:
     """Steps one variant and keeps its measured rounds.
@@ -123,6 +136,7 @@ class Meter:
         self.source = runner.batches()
         self.rounds = []           # (images/s, share of time waiting for data)
         self.epoch_starts = []     # seconds the first batch of an epoch waited
+        self.peak_bytes = None     # most GPU memory allocated while measured (CUDA only)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -145,20 +159,65 @@ class Meter:
         return (images / elapsed, waited / elapsed) if elapsed else (0.0, 0.0)
 
     def measure(self, steps):
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.rounds.append(self.run(steps))
+        if on_gpu:
+            self.peak_bytes = max(self.peak_bytes or 0,
+                                  torch.cuda.max_memory_allocated(self.device))
 
     @property
     def best(self):
         return max(self.rounds)
 
 
+def synthetic_batch(variant, batch, size):
+    """One batch of `batch` blank sites as the variant's loader hands it over."""
+    image = (torch.zeros((batch, 6, size, size), dtype=torch.float32) if variant == "baseline"
+             else torch.zeros((batch, 6, size, size), dtype=torch.uint8))
+    zeros = torch.zeros(batch, dtype=torch.long)
+    return {"image": image, "label": zeros, "cell_type": zeros, "norm_idx": zeros}
+
+
+def largest_batch(meter, start, bound, size):
+    """The largest batch one step of this variant takes without running out of GPU memory:
+    `start` doubled until a step fails or `bound` is reached. (batch, True if bound reached);
+    (0, False) if even `start` does not fit. Content does not change memory: blank images."""
+    fits, batch = 0, start
+    # Autotuning every new shape would cost seconds each: the search takes cuDNN's heuristics.
+    autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        while batch <= bound:
+            images = synthetic_batch(meter.name, batch, size)
+            try:
+                meter.runner.step(images if meter.name == "baseline" else [images])
+                meter.sync()
+            except torch.cuda.OutOfMemoryError:
+                break
+            finally:
+                del images
+                meter.runner.zero_grad()
+                gc.collect()
+                if meter.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            fits, batch = batch, batch * 2
+    finally:
+        torch.backends.cudnn.benchmark = autotune
+    return fits, fits * 2 > bound
+
+
 def make_recipe(folder, args):
-    """(data, recipe): a synthetic RxRx1 folder and its raw uint8 cache at --size px."""
-    spec = SynthSpec(n_classes=args.classes, n_positive_controls=1, image_size=args.size,
-                     train_experiments=args.experiments, test_experiments=1, cell_types=["HUVEC"])
-    data = RxRx1(generate(folder / "data", spec))
-    cache = build_cache(data, folder / "cache", args.size, progress=False, format="raw",
-                        split="train")
+    """(data, recipe): --data or a synthetic RxRx1 folder, and its raw uint8 cache at --size px."""
+    if args.data:
+        data = RxRx1(args.data)
+    else:
+        spec = SynthSpec(n_classes=args.classes, n_positive_controls=1, image_size=args.size,
+                         train_experiments=args.experiments, test_experiments=1,
+                         cell_types=["HUVEC"])
+        data = RxRx1(generate(folder / "data", spec))
+    cache = args.cache or build_cache(data, folder / "cache", args.size, progress=False,
+                                      format="raw", split="train")
     recipe = Recipe()
     recipe.data.image_size, recipe.data.cache = args.size, str(cache)
     recipe.data.batch_size, recipe.data.num_workers = args.batch, args.workers
@@ -190,8 +249,17 @@ def main():
                    help="alternating measured rounds per variant; the best is reported")
     p.add_argument("--compile", action="store_true",
                    help="also measure the rcic step with torch.compile (slow to start)")
+    p.add_argument("--data", type=Path,
+                   help="an RxRx1 folder to read instead of writing a synthetic one")
+    p.add_argument("--cache", type=Path,
+                   help="a raw cache of --data at --size px (rcic-cache) instead of building one")
+    p.add_argument("--max-batch", type=int, default=0,
+                   help="also search the largest batch that fits, up to this bound (0: no search)")
+    p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
+    # As rcic-stage does (rcic.stage.setup_distributed): the input size never changes.
+    torch.backends.cudnn.benchmark = cuda
     name = torch.cuda.get_device_name(device) if cuda else \
         f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"machine: {name}; python {platform.python_version()}, torch {torch.__version__}, "
@@ -222,6 +290,11 @@ def main():
         for _ in range(args.rounds):
             for meter in meters:
                 meter.measure(args.steps)
+        if args.json:   # written now too, so that a search cut short keeps the measurement
+            args.json.write_text(json.dumps(report(args, trainer, meters, {}), indent=1))
+        # After the measurement: a search leaves the weights changed and memory fragmented.
+        searched = {meter.name: largest_batch(meter, args.batch, args.max_batch, args.size)
+                    for meter in meters if args.max_batch}
 
     base = meters[0].best[0]
     print(f"\n{'variant':<10}{'images/s':>10}{'x baseline':>12}{'waits':>8}{'epoch start':>13}"
@@ -234,6 +307,34 @@ def main():
               f"   {rounds}")
     print("images/s and waits leave out each epoch's first batch; 'epoch start' is what that "
           "batch waited (a new DataLoader), paid once per epoch")
+    for meter in meters:
+        if meter.peak_bytes is not None:
+            print(f"{meter.name}: peak GPU memory {meter.peak_bytes / 2 ** 30:.2f} GiB")
+    for name, (batch, bounded) in searched.items():
+        print(f"{name}: largest batch that fits {'>= ' if bounded else ''}{batch} "
+              f"(doubling from {args.batch}, bound {args.max_batch})")
+    if args.json:
+        args.json.write_text(json.dumps(report(args, trainer, meters, searched), indent=1))
+
+
+def report(args, trainer, meters, searched):
+    """The figures as gpu_check.py collects them."""
+    base = meters[0].best[0]
+    variants = {}
+    for meter in meters:
+        rate, waits = meter.best
+        batch, bounded = searched.get(meter.name, (None, False))
+        variants[meter.name] = {
+            "images_per_s": round(rate, 2), "x_baseline": round(rate / base, 3) if base else None,
+            "waits": round(waits, 4), "rounds": [round(r, 2) for r, _ in meter.rounds],
+            "peak_memory_gib": None if meter.peak_bytes is None
+            else round(meter.peak_bytes / 2 ** 30, 3),
+            "largest_batch": batch, "largest_batch_at_bound": bounded}
+    return {"backbone": args.backbone, "size": args.size, "batch": args.batch,
+            "workers": args.workers, "train_sites": len(trainer.train_set),
+            "amp": trainer.amp, "channels_last": trainer.channels_last,
+            "fused": bool(trainer.optimizer.defaults.get("fused")),
+            "max_batch": args.max_batch, "variants": variants}
 
 
 if __name__ == "__main__":
