@@ -52,14 +52,16 @@ def save(value, file, where="state"):
 def load(path, mmap=False):
     """torch.load with the weights-only unpickler, on the CPU. A file that names any other
     Python object raises RefusedFile (naming that object) before anything in it runs; a damaged
-    file raises what torch raises for it."""
+    file, or one that is no torch file at all, raises what torch raises for it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        # torch wraps the unpickler's own reason in paragraphs of advice to load it unsafely.
+        # torch wraps the unpickler's reason in paragraphs of advice to load the file unsafely:
+        # keep the reason only. Newer torch says "global: GLOBAL x", older "class x".
         reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
         if reason is None:
             raise
-        named = re.search(r"GLOBAL (\S+)", reason[1])
-        raise RefusedFile(f"it names the Python object {named[1]}" if named else
-                          f"a safe load stops at it: {reason[1].strip().rstrip('.')}") from None
+        named = re.match(r"Unsupported (?:global: GLOBAL|class) (\S+)", reason[1])
+        if named is None:   # not a pickle a safe load reads: damaged, or no torch file at all
+            raise pickle.UnpicklingError(reason[1].strip()) from None
+        raise RefusedFile(f"it names the Python object {named[1].rstrip('.')}") from None
