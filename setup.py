@@ -13,24 +13,27 @@ setup(
                 "exact resume, offline submissions",
     long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # Python 3.11 is the oldest tried (3.10 reached its end of life in October 2026).
+    python_requires=">=3.11",
     packages=find_packages(include=["rcic", "rcic.*"]),
     # The kernel scripts are templates that `rcic-chain init` renders (rcic/kernels -> kernels/).
     package_data={"rcic": ["kernels/*.py", "kernels/*.json"]},
-    # Loose bounds on purpose: Kaggle's image brings its own torch, torchvision,
-    # albumentations, pandas and tqdm, and installing rcic must never replace them.
+    # Lower bounds only, each one tried (constraints/lowest.txt) or, for torch, derived from
+    # the APIs rcic calls; README's "Versions" section has the commands. No upper bounds:
+    # Kaggle's image brings its own torch, torchvision, albumentations, pandas and tqdm, and
+    # installing rcic must never replace them.
     install_requires=[
-        "torch>=2.0",
-        "torchvision>=0.15",
-        "efficientnet-pytorch>=0.7",
-        "albumentations>=1.4",
-        "opencv-python-headless>=4.5",
-        "numpy>=1.23",
-        "pandas>=1.5",
-        "scipy>=1.9",
+        "torch>=2.3",              # torch.amp.GradScaler("cuda") arrived in 2.3
+        "torchvision>=0.18",       # the torchvision of torch 2.3
+        "efficientnet-pytorch>=0.7.1",
+        "albumentations>=1.4.21",  # Compose.set_random_state
+        "opencv-python-headless>=4.9.0.80",
+        "numpy>=1.24.4",
+        "pandas>=1.5.3",
+        "scipy>=1.10",
         "tqdm>=4.60",
-        "matplotlib>=3.5",
-        "PyYAML>=5.4",
+        "matplotlib>=3.6.3",
+        "PyYAML>=6.0.1",
     ],
     extras_require={
         # The kaggle client is only needed by `rcic-chain push/status/output`;

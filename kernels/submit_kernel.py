@@ -39,6 +39,7 @@ def install_rcic():
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")   # offline: no update check at import
     install_rcic()
     from rcic.kaggle.kernel import run_kernel
     sys.exit(run_kernel(SETTINGS, INPUT, WORKING))

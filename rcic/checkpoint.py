@@ -1,8 +1,10 @@
 """Checkpoints that survive a kill at any moment, and finding the newest valid one anywhere.
 
 A checkpoint is a folder ``ckpt-{step:09d}`` holding ``state.pt`` (torch.save of the caller's
-dict), any extra files, and ``MANIFEST.json``: format, step, epoch, recipe hash, package version,
-creation time, whether the recipe is finished, the caller's info, and each file's size and sha256.
+dict, which may hold only tensors and plain Python values: rcic/portable.py), any extra files,
+and ``MANIFEST.json``: format, step, epoch, recipe hash, package version, creation time, whether
+the recipe is finished, the caller's info, the versions that decide exactness (rcic/versions.py)
+and each file's size and sha256.
 
 Saving is a commit protocol:
 
@@ -16,6 +18,8 @@ complete checkpoint. Saving a step that already has a folder first renames the o
 ``ckpt-{step:09d}.old-*``: still a checkpoint discovery accepts, so a kill between the two renames
 loses nothing. Discovery trusts nothing: a folder whose manifest is missing, unreadable or whose
 files do not match it in size and sha256 is skipped with a warning. One writer per output folder.
+Loading never runs code from the file: a state that needs more than tensors and plain values is
+refused (kernels search all of /kaggle/input, where anyone's files may lie).
 """
 import hashlib
 import json
@@ -31,7 +35,7 @@ from pathlib import Path
 import torch
 
 from rcic import __version__
-from rcic import search
+from rcic import portable, search, versions
 from rcic.atomic import fsync_dir, fsync_file, write_synced
 from rcic.errors import UserError
 
@@ -59,6 +63,8 @@ class CheckpointRef:
     created = property(lambda self: self.manifest["created"])
     package_version = property(lambda self: self.manifest["package_version"])
     info = property(lambda self: self.manifest["info"])
+    # Checkpoints written before versions were recorded have none: nothing to compare.
+    versions = property(lambda self: self.manifest.get("versions", {}))
 
     def __repr__(self):
         return f"CheckpointRef({str(self.path)!r}, step={self.step}, done={self.done})"
@@ -80,6 +86,7 @@ def save_checkpoint(out_dir, state, *, step, epoch, recipe_hash, done=False, ext
         if not _is_plain_name(name) or name in (STATE, MANIFEST):
             raise ValueError(f"extra file name {name!r} must be a plain file name other than "
                              f"{STATE} and {MANIFEST}")
+    portable.check_portable(state)
     out_dir = Path(out_dir)
 
     def write(tmp):
@@ -89,7 +96,7 @@ def save_checkpoint(out_dir, state, *, step, epoch, recipe_hash, done=False, ext
         return {
             "format": FORMAT, "step": int(step), "epoch": int(epoch), "recipe_hash": recipe_hash,
             "package_version": __version__, "created": time.time(), "done": bool(done),
-            "files": files, "info": dict(info or {}),
+            "files": files, "info": dict(info or {}), "versions": versions.environment(),
         }
 
     return _commit_new(out_dir, int(step), keep, write)
@@ -301,6 +308,8 @@ def _read_manifest(folder):
     for key, kind in types.items():
         if not isinstance(manifest.get(key), kind):
             return None, f"{MANIFEST} lacks a valid {key!r}"
+    if not isinstance(manifest.get("versions", {}), dict):
+        return None, f"{MANIFEST} has a malformed 'versions'"
     if STATE not in manifest["files"]:
         return None, f"{MANIFEST} lists no {STATE}"
     for name, entry in manifest["files"].items():
@@ -343,16 +352,41 @@ def _is_plain_name(name):
 # ---------------------------------------------------------------- loading
 
 def load_state(ref):
-    """The dict saved in `ref` (on the CPU). Refuses checkpoints written by a newer rcic."""
+    """The dict saved in `ref` (on the CPU), to resume from. Refuses checkpoints written by a
+    newer rcic, and any whose state is more than tensors and plain values (nothing in it runs).
+    Says once when this environment's versions differ from those that wrote it."""
     if _release(ref.package_version) > _release(__version__):
         raise UserError(f"checkpoint {ref.path} was written by rcic {ref.package_version}, "
                         f"this is {__version__}: upgrade rcic (pip install -U rcic)")
     try:
-        return torch.load(ref.path / STATE, map_location="cpu", weights_only=False)
+        state = portable.load(ref.path / STATE)
+    except portable.RefusedFile as err:
+        raise UserError(f"checkpoint {ref.path} refused: its {STATE} is not only tensors and "
+                        f"plain values ({err}); nothing in it was run: delete the folder or "
+                        f"resume from another one (one written before rcic stored only plain "
+                        f"values resumes only under the rcic that wrote it)") from None
     except Exception as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"checkpoint {ref.path} cannot be loaded ({first_line}): "
                         "delete it or resume from another folder") from err
+    _notice_other_versions(ref)
+    return state
+
+
+_noticed = set()
+
+
+def _notice_other_versions(ref):
+    """One warning per checkpoint when its versions differ from these (from rank 0 alone when
+    every GPU's process resumes it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_rank() > 0:
+        return
+    changes = versions.differences(ref.versions)
+    if changes and ref.path not in _noticed:
+        _noticed.add(ref.path)
+        log.warning("resuming %s under other versions than wrote it (%s): the continuation is "
+                    "exact only up to those differences", ref.path, versions.describe(changes))
 
 
 def _release(version):

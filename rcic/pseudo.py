@@ -6,7 +6,9 @@ the most confident `fraction` of those wells join the training set with that lab
 fraction grows by `fraction_per_epoch` each epoch up to `max_fraction`.
 
 The chosen set is part of the checkpoint, so the next stage trains on exactly what this one
-chose; it is never recomputed on resume.
+chose; it is never recomputed on resume. It is stored as plain lists, not as a DataFrame: a
+pickled DataFrame only loads under a pandas that reads the writer's dtypes (pandas 2.2 cannot
+read pandas 3's strings), and a checkpoint must resume on Kaggle's image too.
 """
 import numpy as np
 import pandas as pd
@@ -42,6 +44,24 @@ def choose_pseudo_labels(model, data, recipe, cell_types, device, fraction, batc
     return pd.DataFrame({"id_code": wells["id_code"].to_numpy()[chosen],
                          "sirna": sirna[chosen].astype(int),
                          "confidence": confidence[chosen].astype(float)})
+
+
+def labels_to_lists(labels):
+    """{column: list of plain values} of a pseudo-label DataFrame (None stays None)."""
+    if labels is None:
+        return None
+    return {"id_code": [str(code) for code in labels["id_code"]],
+            "sirna": [int(sirna) for sirna in labels["sirna"]],
+            "confidence": [float(c) for c in labels["confidence"]]}
+
+
+def labels_from_lists(columns):
+    """The DataFrame labels_to_lists was given (None stays None)."""
+    if columns is None:
+        return None
+    return pd.DataFrame({"id_code": pd.Series(columns["id_code"], dtype=object).astype(str),
+                         "sirna": pd.Series(columns["sirna"], dtype="int64"),
+                         "confidence": pd.Series(columns["confidence"], dtype="float64")})
 
 
 def pseudo_sites(data, labels):

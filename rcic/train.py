@@ -25,11 +25,17 @@ from rcic.data.dataset import EpochBatchSampler, Normalizer, SiteDataset, make_l
 from rcic.errors import UserError
 from rcic.models import create_loss, create_model, set_backbone_trainable
 from rcic.optim import create_ema, create_optimizer, create_scheduler
-from rcic.pseudo import choose_pseudo_labels, pseudo_sites, schedule_fraction
+from rcic.pseudo import (choose_pseudo_labels, labels_from_lists, labels_to_lists, pseudo_sites,
+                         schedule_fraction)
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """Every generator's state as tensors and plain values (a checkpoint holds nothing else):
+    numpy's key array becomes a list of ints, the rest of its tuple is plain already."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": (str(name), keys.tolist(), int(position), int(has_gauss),
+                       float(cached_gaussian)),
              "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -44,7 +50,9 @@ def seed_everything(seed):
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss,
+                         cached_gaussian))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -192,7 +200,7 @@ class Trainer:
                          # history of a split run matches an uninterrupted one
                          "loss_sum": self._loss_sum.item(), "loss_count": self._loss_count},
             "history": list(self.history),
-            "pseudo": {"labels": self.pseudo_labels, "epoch": self.pseudo_epoch},
+            "pseudo": {"labels": labels_to_lists(self.pseudo_labels), "epoch": self.pseudo_epoch},
             # The recipe, its hash and the rcic version are in the checkpoint's manifest.
         }
 
@@ -213,7 +221,7 @@ class Trainer:
             setattr(self, key, value)
         self.history = list(state["history"])
         pseudo = state.get("pseudo") or {"labels": None, "epoch": -1}
-        self.pseudo_labels, self.pseudo_epoch = pseudo["labels"], pseudo["epoch"]
+        self.pseudo_labels, self.pseudo_epoch = labels_from_lists(pseudo["labels"]), pseudo["epoch"]
         self.build_train_set()
 
     def gather_rng(self):

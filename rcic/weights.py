@@ -8,9 +8,7 @@ import io
 import pickle
 from pathlib import Path
 
-import torch
-
-from rcic import search
+from rcic import portable, search
 from rcic.atomic import write_atomic
 from rcic.config import from_dict
 from rcic.errors import UserError
@@ -24,8 +22,8 @@ def save_weights(path, model, recipe, meta):
     # Serialised in memory first, so a full disk surfaces as Python's OSError (ENOSPC) with
     # its name, not as torch's opaque zip-writer error.
     buffer = io.BytesIO()
-    torch.save({"format": 1, "model": model.state_dict(), "recipe": recipe.to_dict(),
-                "meta": dict(meta)}, buffer)
+    portable.save({"format": 1, "model": model.state_dict(), "recipe": recipe.to_dict(),
+                   "meta": dict(meta)}, buffer, where="weights")
     try:
         write_atomic(path, buffer.getbuffer())
     except OSError as err:
@@ -34,12 +32,17 @@ def save_weights(path, model, recipe, meta):
 
 
 def read_weights(path, mmap=False):
-    """The saved dict {format, model, recipe, meta}; one clear line if it is not one.
+    """The saved dict {format, model, recipe, meta}; one clear line if it is not one, or if it
+    holds more than tensors and plain values (refused: nothing in it runs).
     mmap=True reads no tensor data: cheap when only the meta is wanted."""
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        blob = portable.load(path, mmap=mmap)
         blob["model"], blob["recipe"], blob["meta"]
         return blob
+    except portable.RefusedFile as err:
+        raise UserError(f"weights file {path} refused: it is not only tensors and plain values "
+                        f"({err}); nothing in it was run: delete it and use the weights.pt of "
+                        f"a stage") from None
     except (OSError, RuntimeError, KeyError, EOFError, TypeError, pickle.UnpicklingError) as err:
         raise UserError(f"weights file {path} cannot be read ({type(err).__name__}): it is "
                         f"truncated or not an rcic weights file; use the weights.pt of a stage")

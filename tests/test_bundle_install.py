@@ -27,13 +27,25 @@ def built(tmp_path_factory):
     return out, wheels
 
 
+def package_folders():
+    """This environment's site-packages, then the folders its .pth files add (a venv that
+    shares another one's torch, as CI's second environment does, sees it through one)."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    added = [Path(line.strip()) for pth in sorted(site.glob("*.pth"))
+             for line in pth.read_text().splitlines()
+             if line.strip() and not line.startswith(("import", "#"))]
+    return [site] + [folder for folder in added if folder.is_dir() and folder != REPO]
+
+
 def kaggle_like_venv(root):
     """A fresh venv that sees this environment's packages except rcic and efficientnet."""
     image = root / "image-site"
     image.mkdir()
-    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
-        if not entry.name.lower().startswith(NOT_ON_KAGGLE):
-            (image / entry.name).symlink_to(entry)
+    for folder in package_folders():
+        for entry in folder.iterdir():
+            link = image / entry.name
+            if not entry.name.lower().startswith(NOT_ON_KAGGLE) and not link.exists():
+                link.symlink_to(entry)
     venv = root / "venv"
     # --without-pip: pip and setuptools come from the image too, as on Kaggle (a venv's own
     # older setuptools would shadow the image's and leave torch's requirement unmet).

@@ -239,3 +239,19 @@ def test_sigkill_at_random_moments_never_loses_the_last_commit(tmp_path):
     assert killed_inside_a_save >= 5, "the kills should land inside saves"
     final = _save(out, 10_000)
     assert _committed(out) == [final.name]  # the next commit clears every leftover
+
+
+def test_a_state_other_environments_could_not_load_is_refused_before_anything_is_written(tmp_path):
+    import numpy as np
+    with pytest.raises(TypeError, match=r"^state\['rng'\]\[1\] is a numpy.ndarray"):
+        save_checkpoint(tmp_path / "out", {"rng": ("MT19937", np.zeros(3))}, step=1, epoch=0,
+                        recipe_hash="r1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_manifest_records_the_versions_that_decide_exactness(tmp_path):
+    from rcic.versions import environment
+    ref = newest(_save(tmp_path, 1).parent)
+    assert ref.versions == environment()
+    assert set(ref.versions) >= {"python", "torch", "cuda", "cudnn", "numpy", "opencv",
+                                 "albumentations"}

@@ -10,9 +10,14 @@ One batch's path, in order:
 4. `Normalizer` (on the device) turns uint8 into float, standardised per image, experiment or
    plate, which removes most of the batch effect between experiments.
 """
+import os
 import random
 import signal
 
+# albumentations asks PyPI for a newer release when imported: a wait for a network timeout in an
+# offline Kaggle kernel, and a warning rcic has no use for. A user's own setting wins. (It is
+# imported only by runs that augment, in build_augment.)
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
