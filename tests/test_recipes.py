@@ -87,8 +87,9 @@ def test_per_cell_type_finetune_starts_from_the_first_step(tiny_data, tmp_path, 
     first = tmp_path / "first"
     run_recipe(monkeypatch, CONFIGS / f"{FIRST}.yaml", tiny_data, first)
     second = tmp_path / "huvec"
+    # HUVEC alone is half the sites: one epoch would be only these two steps
     run_recipe(monkeypatch, CONFIGS / f"{FINETUNE}.yaml", tiny_data, second,
-               f"train.init_from={first}")
+               f"train.init_from={first}", "train.epochs=2")
     log = (second / "stage.log").read_text()
     assert f"initialised from {first / 'weights.pt'}" in log
     assert "HUVEC" in open(second / "recipe.yaml").read()
