@@ -1,5 +1,18 @@
-"""What several test files share: running rcic-stage as a user does, and comparing weights."""
+"""What several test files share: running rcic-stage as a user does, and comparing weights.
+
+A console script can run as a real process (`stage`) or as its `main(argv)` in the test process
+(`stage_here`, `run_main`). A tiny stage is mostly the start of a Python process: importing
+torch, albumentations, torch._dynamo (the first optimizer) and matplotlib (the curves) costs
+several times its 16 training steps. Tests about processes (kills, signals, exit codes seen by a
+shell, limits, DDP) start real ones; reference runs and reruns that only need the files a stage
+writes run here, through the very same `main`.
+"""
+import json
+import logging
+import os
 import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -9,15 +22,56 @@ TINY = ["data.image_size=16", "data.batch_size=4", "train.epochs=2", "train.log_
         "train.checkpoint_every_steps=2", "data.num_workers=2"]
 
 
+def stage_argv(data, out, *extra, budget="5m", sets=()):
+    """The rcic-stage arguments of `stage` and `stage_here`."""
+    return ["--data", str(data), "--out", str(out), "--budget", budget, "--quiet",
+            "--set", *TINY, *sets, *extra]
+
+
 def stage(data, out, *extra, budget="5m", sets=(), check=True):
     """Run `rcic-stage` on `data` into `out` as a real process; it must exit 0 unless `check`
     is False. Returns the CompletedProcess."""
-    cmd = ["rcic-stage", "--data", str(data), "--out", str(out), "--budget", budget, "--quiet",
-           "--set", *TINY, *sets, *extra]
+    cmd = ["rcic-stage", *stage_argv(data, out, *extra, budget=budget, sets=sets)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if check:
         assert result.returncode == 0, result.stderr[-2000:]
     return result
+
+
+@contextmanager
+def as_a_command():
+    """What a fresh process would have: a budget clock that starts now (as `rcic-stage --gpus`
+    gives the processes it launches) and no log handler left from an earlier command; the
+    handlers a command installed (its stage.log) are closed after it."""
+    before = os.environ.get("RCIC_START_TIME")
+    os.environ["RCIC_START_TIME"] = repr(time.time())
+    logger = logging.getLogger("rcic")
+    logger.handlers.clear()
+    try:
+        yield
+    finally:
+        for handler in logger.handlers:
+            handler.close()
+        logger.handlers.clear()
+        if before is None:
+            del os.environ["RCIC_START_TIME"]
+        else:
+            os.environ["RCIC_START_TIME"] = before
+
+
+def run_main(main, argv):
+    """A console script's `main(argv)` run in this process as if freshly started; its exit
+    status."""
+    with as_a_command():
+        return main([str(a) for a in argv])
+
+
+def stage_here(data, out, *extra, budget="5m", sets=()):
+    """`stage`, run in this process through rcic-stage's own main; it must exit 0. Returns the
+    stage.json report."""
+    from rcic.cli.stage import main
+    assert run_main(main, stage_argv(data, out, *extra, budget=budget, sets=sets)) == 0
+    return json.loads((Path(out) / "stage.json").read_text())
 
 
 def weights(out):

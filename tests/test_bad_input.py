@@ -11,7 +11,6 @@ on purpose (a damaged checkpoint skipped with a warning, inputs a command never 
 asserted as such; known bugs in files this suite does not own are strict xfails.
 """
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 from faults.harness import error_lines, on_its_own_line, snapshot
+from helpers import run_main
 from rcic.checkpoint import find_checkpoints
 from rcic.cli import cache, chain, predict, stage, submission, synth
 
@@ -65,12 +65,11 @@ def captured(capfd):
 
 
 def call(script, argv):
-    """(exit status, stderr) of a console script's main(argv), run in this process."""
-    # Each command installs its own log handlers; none may write into another test's capture.
-    logging.getLogger("rcic").handlers.clear()
+    """(exit status, stderr) of a console script's main(argv), run in this process as if
+    freshly started (no log handler of an earlier command writes into this one's capture)."""
     if _capture is not None:
         _capture.readouterr()
-    status = MAINS[script](argv)
+    status = run_main(MAINS[script], argv)
     err = _capture.readouterr().err if _capture is not None else ""
     return status, err
 

@@ -3,9 +3,11 @@
 - Kills: a 3-stage chain (each stage its own folder, resuming from the previous one, as kernels
   do) on the tiny data, reading a decoded-image cache whose build is killed too. Stages and the
   cache build are SIGKILLed at random moments and inside checkpoint writes, prunes, weights
-  writes and chunk writes; each killed command is simply run again. Every chain must end with a
-  valid submission (rcic-predict, then rcic-submission check) whose weights are bit-identical to
-  an undisturbed chain of the same steps without a cache, and the very same submission file.
+  writes and chunk writes; each killed command is simply run again (in the test process,
+  through the script's own main: what matters is what the killed process left). Every chain
+  must end with a valid submission (rcic-predict, then rcic-submission check) whose weights are
+  bit-identical to an undisturbed chain of the same steps without a cache, and the very same
+  submission file.
 - A file-size limit, a full disk and a folder made unwritable in the middle of a save: the
   committed checkpoint survives byte for byte, the error says what happened in one line, and a
   rerun finishes the recipe with the same weights.
@@ -34,8 +36,9 @@ from pathlib import Path
 import pytest
 
 from faults.harness import error_lines, reap, run_and_kill, run_ok, snapshot
-from helpers import assert_same_weights
+from helpers import assert_same_weights, run_main
 from rcic.checkpoint import find_checkpoints
+from rcic.cli import cache, predict, stage, submission
 
 # The seed of the slow trials' drawn plans and moments; the fixed chain always uses seed 0.
 SEED = int(os.environ.get("RCIC_FAULT_SEED", str(int(time.time()))))
@@ -65,6 +68,17 @@ def predict_cmd(data, weights_folder, submission):
             "--out", str(submission), "--tta", "2"]
 
 
+# The commands a test only needs the files of (reruns, references) run in this process through
+# the script's own main: no interpreter start, the same code. What is killed is a real process.
+MAINS = {"rcic-stage": stage.main, "rcic-cache": cache.main, "rcic-predict": predict.main,
+         "rcic-submission": submission.main}
+
+
+def run_here(cmd):
+    """Run console-script command `cmd` in this process; it must exit 0."""
+    assert run_main(MAINS[cmd[0]], cmd[1:]) == 0, " ".join(map(str, cmd))
+
+
 def committed(folder):
     """Files of the cache that a build commits (not the partial files of killed workers)."""
     return {k: v for k, v in snapshot(folder).items() if ".partial-" not in k}
@@ -81,15 +95,18 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def reference(tiny_data, tmp_path_factory):
-    """The undisturbed chain (no cache), its submission, and an undisturbed cache build."""
+    """The undisturbed chain (no cache), its submission, and an undisturbed cache build. The
+    first stage and the cache build are real processes: their wall time is the window for random
+    kills."""
     root = tmp_path_factory.mktemp("reference")
     outs = [root / f"s{k}" for k in range(3)]
     started = time.monotonic()
-    for k in range(3):
-        run_ok(stage_cmd(tiny_data, outs[k], outs[k - 1] if k else None, STEPS[k], TINY))
-    stage_seconds = (time.monotonic() - started) / 3
+    run_ok(stage_cmd(tiny_data, outs[0], None, STEPS[0], TINY))
+    stage_seconds = time.monotonic() - started
+    for k in (1, 2):
+        run_here(stage_cmd(tiny_data, outs[k], outs[k - 1], STEPS[k], TINY))
     assert json.loads((outs[2] / "stage.json").read_text())["done"] is True
-    run_ok(predict_cmd(tiny_data, outs[2], root / "submission.csv"))
+    run_here(predict_cmd(tiny_data, outs[2], root / "submission.csv"))
     started = time.monotonic()
     run_ok(cache_cmd(tiny_data, root / "cache"))
     return Reference(outs, root / "submission.csv", root / "cache", stage_seconds,
@@ -146,7 +163,7 @@ def test_killed_chain_ends_like_an_undisturbed_one(tiny_data, reference, tmp_pat
         trials.append(dict(run_and_kill(cache_cmd(tiny_data, cache), mode, rng,
                                         watch=cache / "chunks", group=group,
                                         random_seconds=reference.cache_seconds), target="cache"))
-    run_ok(cache_cmd(tiny_data, cache))       # while orphaned workers may still be writing
+    run_here(cache_cmd(tiny_data, cache))     # while orphaned workers may still be writing
     reap_all(trials)
     assert committed(cache) == committed(reference.cache), "the rebuilt cache differs"
 
@@ -159,13 +176,13 @@ def test_killed_chain_ends_like_an_undisturbed_one(tiny_data, reference, tmp_pat
             trials.append(dict(run_and_kill(cmd, mode, rng, watch=outs[k], group=group,
                                             random_seconds=reference.stage_seconds),
                                target=f"stage {k + 1}"))
-        run_ok(cmd)
+        run_here(cmd)
         reap_all(trials)
     RESULTS.extend(dict(t, chain=index) for t in trials)
 
     submission = tmp_path / "submission.csv"
-    run_ok(predict_cmd(tiny_data, outs[2], submission))
-    run_ok(["rcic-submission", "check", str(submission), "--data", str(tiny_data)])
+    run_here(predict_cmd(tiny_data, outs[2], submission))
+    run_here(["rcic-submission", "check", str(submission), "--data", str(tiny_data)])
     assert json.loads((outs[2] / "stage.json").read_text())["done"] is True
     assert_same_weights(outs[2], reference.outs[2])
     assert submission.read_bytes() == reference.submission.read_bytes()
@@ -206,7 +223,7 @@ def test_file_size_limit_during_a_save_keeps_the_committed_checkpoint(tiny_data,
     assert snapshot(checkpoint_folder(out)) == before
     assert [ref.step for ref in find_checkpoints([out])] == [5]
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-ckpt-")]
-    run_ok(stage_cmd(tiny_data, out, None, 0, TINY))  # room again: the recipe finishes
+    run_here(stage_cmd(tiny_data, out, None, 0, TINY))  # room again: the recipe finishes
     assert_same_weights(out, reference.outs[2])
 
 
@@ -252,7 +269,7 @@ def test_folder_made_unwritable_in_the_middle_of_a_save(tiny_data, reference, tm
     assert steps and steps[0] >= 5
     if steps[0] == 5:
         assert snapshot(checkpoint_folder(out)) == before
-    run_ok(stage_cmd(tiny_data, out, None, 0, TINY))
+    run_here(stage_cmd(tiny_data, out, None, 0, TINY))
     assert_same_weights(out, reference.outs[2])
 
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from rcic.cli.predict import main as predict_main
 from rcic.config import Recipe
 from rcic.data.layout import RxRx1
 from rcic.errors import UserError
@@ -16,6 +17,8 @@ from rcic.predict import Ensemble, resolve_checkpoints
 from rcic.submission import check_submission
 from rcic.tta import VIEWS, views
 from rcic.weights import save_weights
+
+from helpers import run_main
 
 
 def tiny_recipe(cell_types=(), onehot=True):
@@ -130,15 +133,25 @@ def test_cli_writes_a_checked_submission_and_a_report(tiny_data, tmp_path):
     assert not sub.groupby(plate)["sirna"].apply(lambda s: s.duplicated().any()).any()
 
 
-def test_cli_refuses_uncovered_cell_types_and_foreign_weights(tiny_data, tmp_path):
+def test_cli_refuses_uncovered_cell_types_and_foreign_weights(tiny_data, tmp_path, capsys,
+                                                              monkeypatch):
+    # rcic-predict's main in this process (the test above runs it as a real process): its exit
+    # status and its one line on stderr.
+    def rcic_predict_here(*args):
+        capsys.readouterr()
+        status = run_main(predict_main, ["--data", tiny_data, *args])
+        return status, capsys.readouterr().err
+
+    monkeypatch.chdir(tmp_path)
     data = RxRx1(tiny_data, check_images=False)
     huvec = save_random_weights(tmp_path / "h" / "weights.pt", data, cell_types=["HUVEC"])
     out = tmp_path / "submission.csv"
-    run = rcic_predict("--data", tiny_data, "--checkpoint", huvec, "--out", out, cwd=tmp_path)
-    assert run.returncode == 2 and "no checkpoint predicts cell type(s) RPE" in run.stderr
+    status, err = rcic_predict_here("--checkpoint", huvec, "--out", out)
+    assert status == 2 and "no checkpoint predicts cell type(s) RPE" in err
     assert not out.exists()
     foreign = save_random_weights(tmp_path / "f" / "weights.pt", data, n_treatments=1108)
-    run = rcic_predict("--data", tiny_data, "--checkpoint", foreign, "--out", out, cwd=tmp_path)
-    assert run.returncode == 2 and "1108 treatment classes" in run.stderr
-    run = rcic_predict("--data", tiny_data, "--out", out, cwd=tmp_path)      # no runs/ here
-    assert run.returncode == 2 and "no weights.pt under" in run.stderr
+    status, err = rcic_predict_here("--checkpoint", foreign, "--out", out)
+    assert status == 2 and "1108 treatment classes" in err
+    status, err = rcic_predict_here("--out", out)                      # no runs/ here
+    assert status == 2 and "no weights.pt under" in err
+    assert err.count("\n") == 1

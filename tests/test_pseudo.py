@@ -4,7 +4,7 @@ import torch
 
 from rcic.config import PseudoConfig
 from rcic.pseudo import schedule_fraction
-from helpers import assert_same_weights, stage
+from helpers import assert_same_weights, stage, stage_here
 
 PSEUDO = ["pseudo.enabled=true", "pseudo.start_epoch=1", "pseudo.fraction_per_epoch=0.5",
           "train.epochs=3"]
@@ -18,12 +18,13 @@ def test_schedule_grows_from_the_start_epoch_up_to_the_cap():
 
 def test_pseudo_labels_survive_stages_bit_exactly(tiny_data, tmp_path):
     whole = tmp_path / "whole"
-    stage(tiny_data, whole, sets=PSEUDO)
+    stage_here(tiny_data, whole, sets=PSEUDO)
     split = tmp_path / "split"
-    # The stops fall before and after the epoch-1 choice, and inside epoch 2.
-    for steps in ("5", "4"):
-        stage(tiny_data, split, "--steps", steps, sets=PSEUDO)
-    stage(tiny_data, split, sets=PSEUDO)
+    # The stops fall before and after the epoch-1 choice, and inside epoch 2. The middle stage
+    # is a process of its own: it resumes from the file alone, with nothing left in memory.
+    stage_here(tiny_data, split, "--steps", "5", sets=PSEUDO)
+    stage(tiny_data, split, "--steps", "4", sets=PSEUDO)
+    stage_here(tiny_data, split, sets=PSEUDO)
     assert_same_weights(split, whole)
 
     # Plain lists in the state, not a pickled DataFrame: it loads under any pandas, weights-only.
