@@ -17,6 +17,7 @@ A trace watched for may never appear (the process ended first): the trial then r
 ``missed`` and the process has run to its end, which the caller treats as an undisturbed run.
 """
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -129,15 +130,20 @@ def snapshot(folder):
             if p.is_file()}
 
 
+# rcic.progress's plain line where stderr is no terminal: "rcic stage: step 3/8 (38%), ..."
+PROGRESS_LINE = re.compile(r"^[^:]+: \w+ \d+(/\d+ \(\d+%\))?(, |$)")
+
+
 def error_lines(stderr):
-    """The lines of stderr a person reads. tqdm's carriage-return redraws are not lines; text
-    printed right after a bar, on the bar's own line, is (see `on_its_own_line`)."""
+    """The lines of stderr a person reads as messages. Progress is not: neither tqdm's
+    carriage-return redraws nor rcic.progress's plain lines; text printed right after a bar,
+    on the bar's own line, is (see `on_its_own_line`)."""
     lines = []
     for line in stderr.splitlines():
         text = line.rsplit("\r", 1)[-1].strip()
         if "%|" in text:                       # a progress bar: "  40%|####  | 4/10 [00:01<...]"
             text = text.split("]", 1)[1].strip() if "]" in text else ""
-        if text:
+        if text and not PROGRESS_LINE.match(text):
             lines.append(text)
     return lines
 
