@@ -27,7 +27,6 @@ import os
 import random
 import resource
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
