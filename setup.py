@@ -40,7 +40,8 @@ setup(
         # kaggle 2.2.x imports six without declaring it.
         "kaggle": ["kaggle>=2.2,<3", "six"],
         "timm": ["timm>=0.9"],
-        "test": ["pytest>=7", "kaggle>=2.2,<3", "six"],
+        # pytest-xdist: the suite runs on two workers (`pytest -n 2`), one a core.
+        "test": ["pytest>=7", "pytest-xdist>=3.2", "kaggle>=2.2,<3", "six"],
     },
     entry_points={
         "console_scripts": [

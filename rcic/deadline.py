@@ -300,7 +300,8 @@ def supervise(cmd, budget, out, recipe_name, env=None):
             # Nothing to continue from: say so, and leave the folder as it was.
             raise UserError(too_short_by_deadline(status.get("recipe", recipe_name),
                                                   phase, phase_seconds, budget.seconds))
-        report = deadline_report(status, phase, phase_seconds, killed_at, budget, len(killed))
+        report = deadline_report(status, phase, phase_seconds, killed_at, budget, len(killed),
+                                 newest_commit_on_disk(Path(out)))
         # On a disk that has stalled, writing may never return: try, but exit on time.
         writer = threading.Thread(target=_write_report, args=(Path(out), report), daemon=True)
         writer.start()
@@ -322,9 +323,22 @@ SUMMARY_KEYS = ("done", "global_step", "total_steps", "epoch", "seconds_used",
                 "samples_per_second", "stages_left_estimate", "stopped_by")
 
 
-def deadline_report(status, phase, phase_seconds, killed_at, budget, n_killed):
-    """stage.json after a kill: the child's last status, and what the kill interrupted."""
+def newest_commit_on_disk(out):
+    """The step of the newest committed checkpoint folder in `out`, or None. A commit is a
+    rename, so a folder named ``ckpt-NNNNNNNNN`` is complete; the child reports its commit only
+    after the rename, and a kill can fall between the two."""
+    steps = [int(p.name[5:]) for p in out.glob("ckpt-*")
+             if p.name[5:].isdigit() and (p / "MANIFEST.json").is_file()]
+    return max(steps, default=None)
+
+
+def deadline_report(status, phase, phase_seconds, killed_at, budget, n_killed, on_disk=None):
+    """stage.json after a kill: the child's last status, and what the kill interrupted.
+    `on_disk`: the newest commit found in the output folder, newer than the reported one when
+    the kill came between a commit's rename and its report."""
     report = dict(status)
+    if on_disk is not None and on_disk > report["checkpoint_step"]:
+        report["checkpoint_step"] = on_disk
     report.update({
         "done": False,
         "stopped_by": "deadline",

@@ -27,3 +27,19 @@ def rcic_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("rcic_home")
     os.environ["RCIC_HOME"] = str(home)
     return home
+
+
+# The suite runs on two workers (`pytest -n 2`, pytest-xdist). A worker takes tests in
+# collection order, so a long trial collected last would run alone at the end while the other
+# worker idles: the modules holding the long trials (whole stages, chains, DDP, deadlines) go
+# first. Their own order, and every other module's, is kept.
+LONG_TRIALS_FIRST = ("test_local_chain.py", "test_stage_deadline.py", "test_faults.py",
+                     "test_ddp.py", "test_gpu_check.py", "test_pseudo.py", "test_stage.py",
+                     "test_progress.py", "test_recipes.py", "test_portable_state.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONG_TRIALS_FIRST.index(name) if name in LONG_TRIALS_FIRST else len(LONG_TRIALS_FIRST)
+    items.sort(key=rank)

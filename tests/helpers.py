@@ -66,11 +66,43 @@ def run_main(main, argv):
         return main([str(a) for a in argv])
 
 
+def stage_main_here(argv):
+    """rcic-stage's main(argv) with its stage run in this process; its exit status. Like the
+    other mains, run it through `run_main`.
+
+    The supervisor (rcic.deadline.supervise_stage) checks --out, writes the recipe and then
+    starts the stage as a child: a new interpreter importing torch, albumentations and
+    torch._dynamo (~5 s of CPU a stage). Here everything runs as in the command except that
+    last start: the child's own main runs in this process, with the child's environment. A
+    test of what a stage writes or refuses needs no more; tests of the supervisor itself
+    (deadlines, kills, signals, exit codes seen by a shell) run the real command."""
+    from rcic import deadline
+    from rcic.cli import stage as stage_cli
+    from rcic.errors import cli_main
+
+    def child_here(cmd, budget, out, recipe_name, env=None):
+        argv = cmd[cmd.index("rcic.cli.stage") + 1:]
+        saved = dict(os.environ)
+        os.environ.update(env or {})
+        os.environ[deadline.EVENTS_ENV] = ""      # supervised, with nobody to report to
+        try:
+            return cli_main("rcic-stage", stage_cli.run, argv)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    supervise = deadline.supervise
+    deadline.supervise = child_here
+    try:
+        return stage_cli.main(argv)
+    finally:
+        deadline.supervise = supervise
+
+
 def stage_here(data, out, *extra, budget="5m", sets=()):
-    """`stage`, run in this process through rcic-stage's own main; it must exit 0. Returns the
-    stage.json report."""
-    from rcic.cli.stage import main
-    assert run_main(main, stage_argv(data, out, *extra, budget=budget, sets=sets)) == 0
+    """`stage`, run in this process (`stage_main_here`); it must exit 0. Returns the stage.json
+    report."""
+    assert run_main(stage_main_here, stage_argv(data, out, *extra, budget=budget, sets=sets)) == 0
     return json.loads((Path(out) / "stage.json").read_text())
 
 

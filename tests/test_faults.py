@@ -35,9 +35,9 @@ from pathlib import Path
 import pytest
 
 from faults.harness import error_lines, reap, run_and_kill, run_ok, snapshot
-from helpers import assert_same_weights, run_main
+from helpers import assert_same_weights, run_main, stage_main_here
 from rcic.checkpoint import find_checkpoints
-from rcic.cli import cache, predict, stage, submission
+from rcic.cli import cache, predict, submission
 
 # The seed of the slow trials' drawn plans and moments; the fixed chain always uses seed 0.
 SEED = int(os.environ.get("RCIC_FAULT_SEED", str(int(time.time()))))
@@ -69,7 +69,7 @@ def predict_cmd(data, weights_folder, submission):
 
 # The commands a test only needs the files of (reruns, references) run in this process through
 # the script's own main: no interpreter start, the same code. What is killed is a real process.
-MAINS = {"rcic-stage": stage.main, "rcic-cache": cache.main, "rcic-predict": predict.main,
+MAINS = {"rcic-stage": stage_main_here, "rcic-cache": cache.main, "rcic-predict": predict.main,
          "rcic-submission": submission.main}
 
 

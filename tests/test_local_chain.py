@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,11 +30,14 @@ train:
 """
 
 
-def test_three_stage_local_chain_matches_an_uninterrupted_run(tmp_path, tiny_data):
+def test_three_stage_local_chain_matches_an_uninterrupted_run(tmp_path, tiny_data, monkeypatch):
+    # Relative paths, as in the README's command (`rcic-chain local` hands --out and --config
+    # over as given): the kernels run in their own working folders and must still find theirs.
+    monkeypatch.chdir(tmp_path)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
     lines = []
-    result = run_local_chain(3, "3m", tmp_path / "chain", recipe=recipe, data=tiny_data,
+    result = run_local_chain(3, "3m", Path("chain"), recipe=Path("recipe.yaml"), data=tiny_data,
                              steps_per_stage=4, cache_size=16, echo=lines.append)
     assert [k["name"] for k in result["kernels"]] == ["cache-train", "cache-test", "stage-01",
                                                       "stage-02", "stage-03", "submit"]

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcic.cli.stage import main as stage_main
 from rcic.config import load_recipe
 
-from helpers import run_main
+from helpers import run_main, stage_main_here
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
@@ -66,9 +65,9 @@ def test_the_seed_recipes_say_what_the_seeds_did():
 def run_recipe(config, data, out, *sets):
     """Two steps of a recipe, in this process (its budget counting from now); they must write
     finite weights."""
-    status = run_main(stage_main, ["--config", config, "--data", data, "--out", out,
-                                   "--budget", "10m", "--steps", "2", "--quiet",
-                                   "--set", *SMALL, *sets])
+    status = run_main(stage_main_here, ["--config", config, "--data", data, "--out", out,
+                                        "--budget", "10m", "--steps", "2", "--quiet",
+                                        "--set", *SMALL, *sets])
     assert status == 0
     report = json.loads((out / "stage.json").read_text())
     assert report["global_step"] == 2 and report["done"] is False

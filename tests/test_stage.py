@@ -1,4 +1,6 @@
-"""rcic-stage as a user runs it: real subprocesses, real signals, real files."""
+"""rcic-stage as a user runs it: real subprocesses for stages in a row, signals and budgets,
+real files. The reference run and the plate-batch runs only need the files a stage writes: they
+run their stage in this process (helpers.stage_here)."""
 import json
 import signal
 import subprocess
@@ -7,14 +9,14 @@ import time
 import pytest
 
 from faults.harness import error_lines
-from helpers import TINY, assert_same_weights, stage
+from helpers import TINY, assert_same_weights, stage, stage_here
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_data, tmp_path_factory):
     """One uninterrupted run of the whole tiny recipe."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    stage(tiny_data, out)
+    stage_here(tiny_data, out)
     return out
 
 
@@ -43,17 +45,16 @@ def test_three_stages_are_bit_identical_to_one_run(tiny_data, tmp_path, referenc
 def test_plate_batches_resume_exactly_and_validate_per_plate(tiny_data, tmp_path):
     plates = ["data.plate_batches=true"]
     whole, split = tmp_path / "whole", tmp_path / "split"
-    stage(tiny_data, whole, sets=plates)
-    stage(tiny_data, split, "--steps", "5", sets=plates)
-    stage(tiny_data, split, sets=plates)
+    stage_here(tiny_data, whole, sets=plates)
+    stage_here(tiny_data, split, "--steps", "5", sets=plates)
+    stage_here(tiny_data, split, sets=plates)
     assert_same_weights(split, whole)
     assert (split / "metrics.csv").read_text() == (whole / "metrics.csv").read_text()
 
 
 def test_finished_recipe_trains_nothing_and_carries_the_checkpoint(tiny_data, tmp_path, reference):
     out = tmp_path / "after"
-    result = stage(tiny_data, out, "--resume-from", str(reference))
-    report = json.loads((out / "stage.json").read_text())
+    report = stage_here(tiny_data, out, "--resume-from", str(reference))
     assert report["done"] is True and report["steps_this_stage"] == 0
     assert_same_weights(out, reference)
     assert any(p.name.startswith("ckpt-") for p in out.iterdir())
