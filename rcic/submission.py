@@ -95,7 +95,7 @@ def check_submission(path, data_root):
     if len(out):
         raise fail(f"sirna {out['sirna'].iloc[0]} of {out['id_code'].iloc[0]} is outside "
                    f"0..{N_TREATMENTS - 1}", "only treatment siRNAs are scored; never write "
-                   f"control classes")
+                   "control classes")
     dup = df[df["id_code"].duplicated()]
     if len(dup):
         raise fail(f"id_code {dup['id_code'].iloc[0]} appears more than once "

@@ -17,7 +17,7 @@ from rcic.checkpoint import find_checkpoints, load_state
 from rcic.config import load_recipe
 from rcic.errors import UserError
 from rcic.weights import read_weights
-from helpers import stage
+from helpers import stage, stage_here
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ class WritesMarker:
 def trained(tiny_data, tmp_path_factory):
     """A real stage output: a checkpoint, weights.pt and stage.json."""
     out = tmp_path_factory.mktemp("trained") / "stage"
-    stage(tiny_data, out, "--steps", "2")
+    stage_here(tiny_data, out, "--steps", "2")
     return out
 
 

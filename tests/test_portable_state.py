@@ -14,7 +14,7 @@ import torch
 from rcic import versions
 from rcic.portable import check_portable
 from test_pseudo import PSEUDO
-from helpers import TINY, stage
+from helpers import TINY, stage, stage_here
 
 NOTICE = "the continuation is exact only up to those differences"
 OTHER_PYTHON = os.environ.get("RCIC_OTHER_PYTHON")
@@ -40,7 +40,7 @@ def last_state(out):
 def test_the_manifest_records_the_versions_and_a_resume_under_others_says_so_once(tiny_data,
                                                                                    tmp_path):
     out = tmp_path / "out"
-    stage(tiny_data, out, "--steps", "2")
+    stage_here(tiny_data, out, "--steps", "2")
     state, manifest = last_state(out)
     assert manifest["versions"] == versions.environment()
     assert manifest["versions"]["numpy"] == np.__version__

@@ -20,7 +20,7 @@ def test_a_stage_writing_to_a_pipe_prints_a_line_per_interval(tiny_data, tmp_pat
     env = dict(os.environ, RCIC_LOG_INTERVAL=str(interval), PYTHONUNBUFFERED="1")
     # Enough epochs that the budget, not the recipe, ends the stage.
     proc = subprocess.Popen(
-        ["rcic-stage", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--budget", "30s",
+        ["rcic-stage", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--budget", "20s",
          "--set", "data.image_size=16", "data.batch_size=4", "train.epochs=500",
          "train.log_every_steps=1", "data.num_workers=0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
