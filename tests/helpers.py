@@ -1,11 +1,12 @@
 """What several test files share: running rcic-stage as a user does, and comparing weights.
 
 A console script can run as a real process (`stage`) or as its `main(argv)` in the test process
-(`stage_here`, `run_main`). A tiny stage is mostly the start of a Python process: importing
-torch, albumentations, torch._dynamo (the first optimizer) and matplotlib (the curves) costs
-several times its 16 training steps. Tests about processes (kills, signals, exit codes seen by a
-shell, limits, DDP) start real ones; reference runs and reruns that only need the files a stage
-writes run here, through the very same `main`.
+(`run_main`; for rcic-stage `stage_main_here` and `stage_here`, which also run here the stage
+that its supervisor would start as a child). A tiny stage is mostly the start of a Python
+process: importing torch, albumentations, torch._dynamo (the first optimizer) and matplotlib
+(the curves) costs several times its 16 training steps. Tests about processes (kills, signals,
+deadlines, exit codes seen by a shell, limits, DDP) start real ones; reference runs and reruns
+that only need the files a stage writes run here, through the very same `main`.
 """
 import json
 import logging
