@@ -58,6 +58,12 @@ def child(out, behaviour):
         return 0
     if behaviour == "nothing":
         reporter.tell("step", dict(committed, checkpoint_step=None))
+    elif behaviour == "renamed":
+        # A save whose commit (the rename into ckpt-000000004) is done but not yet reported:
+        # the kill falls in between.
+        reporter.tell("save", committed)
+        (out / "ckpt-000000004").mkdir()
+        (out / "ckpt-000000004" / "MANIFEST.json").write_text("{}")
     else:
         reporter.tell("step", committed)
         time.sleep(0.2)

@@ -66,6 +66,15 @@ def test_nothing_committed_at_the_deadline_is_one_line_and_exit_2(tmp_path):
     assert wait_gone(json.loads((tmp_path / "pids").read_text())) == []
 
 
+def test_a_kill_between_a_commit_and_its_report_names_the_commit_on_disk(tmp_path):
+    result, seconds = supervise(tmp_path, "renamed", 5.0)
+    assert result.returncode == 0 and seconds < 5.0, result.stderr
+    report = json.loads((tmp_path / "stage.json").read_text())
+    assert report["stopped_by"] == "deadline" and report["interrupted"] == "save"
+    # The child last said step 3; the folder holds the commit of step 4, which resume will use.
+    assert report["checkpoint_step"] == report["global_step"] == 4
+
+
 def test_a_stage_that_ends_by_itself_keeps_its_status_and_report(tmp_path):
     result, seconds = supervise(tmp_path, "finish", 20.0)
     assert result.returncode == 0 and seconds < 10
