@@ -31,40 +31,10 @@ import time
 from io import BytesIO
 from pathlib import Path
 
+from process_tree import tree_pss
+
 REPO = Path(__file__).resolve().parent.parent
 MAINS = {"stage": "rcic.cli.stage", "predict": "rcic.cli.predict"}
-
-
-def tree(root):
-    """Pids of `root` and all its descendants, now."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo += children.get(pid, [])
-    return pids
-
-
-def tree_pss(root):
-    """Summed proportional set size of a process tree, in bytes."""
-    total = 0
-    for pid in tree(root):
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            pass
-    return total
 
 
 def measure(cmd, env, cwd):

@@ -44,57 +44,13 @@ import threading
 import time
 from pathlib import Path
 
+from process_tree import tree_cpu, tree_pss
+
 SCALES = {"1/8": 0.125, "1/4": 0.25, "1": 1.0}
 STEPS = ["synth", "open", "cache", "stage", "predict", "plates", "submission", "pixels"]
 BIN = Path(sys.executable).parent
 STAGE_SETS = ["data.image_size=32", "data.batch_size=32", "data.num_workers=2",
               "train.epochs=1", "train.eval_every_steps=1", "train.checkpoint_every_steps=0"]
-
-
-# -- measuring a process tree ------------------------------------------------------------------
-def _children():
-    """{ppid: [pid, ...]} of every process now."""
-    tree = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def _tree_cpu(root):
-    """CPU seconds used so far by `root` and its descendants (those alive or reaped by them)."""
-    tree, total, todo = _children(), 0, [root]
-    tick = os.sysconf("SC_CLK_TCK")
-    while todo:
-        pid = todo.pop()
-        todo += tree.get(pid, [])
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(f) for f in fields[11:15]) / tick   # utime stime cutime cstime
-    return total
-
-
-def _tree_pss(root):
-    """Sum of PSS (bytes) of `root` and its descendants."""
-    tree, total, todo = _children(), 0, [root]
-    while todo:
-        pid = todo.pop()
-        todo += tree.get(pid, [])
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            pass
-    return total
 
 
 def run_step(cmd, on_output=None):
@@ -120,7 +76,7 @@ def run_step(cmd, on_output=None):
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        peak = max(peak, _tree_pss(proc.pid))
+        peak = max(peak, tree_pss(proc.pid))
         time.sleep(0.2)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -290,7 +246,7 @@ def step_stage(ctx, cold=False):
         if "first_step_s" not in marks and re.search(r"\|\s*1/\d+", text):
             marks["first_step_s"] = round(t, 2)
             # On a shared machine the wall clock counts other jobs' time; CPU does not.
-            marks["first_step_cpu_s"] = round(_tree_cpu(pid), 1)
+            marks["first_step_cpu_s"] = round(tree_cpu(pid), 1)
         if "val_done_s" not in marks and "val_loss" in text:
             marks["val_done_s"] = round(t, 2)
 
