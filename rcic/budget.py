@@ -23,6 +23,13 @@ from rcic.errors import UserError
 
 _IMPORT_TIME = time.time()
 
+# Seconds between the supervisor's kill and the deadline (rcic.deadline): freezing and killing
+# the process tree, reaping it, writing stage.json and the supervisor's own exit (no torch in it).
+# That work takes 0.03-0.2 s; on a 2-core machine at load 16, with the supervisor niced, the exit
+# came up to 1.8 s after the kill (tools/budget_sweep.py): the rest is slack for a scheduler slow
+# to run the supervisor at all. A supervised stage plans with this much more margin.
+KILL_RESERVE = 3.0
+
 # The share of a stage's budget that goes to training steps; the rest pays start-up, validation
 # and the final save. Used to estimate how many stages a recipe needs.
 USABLE_FRACTION = 0.9
@@ -76,6 +83,9 @@ def process_start_time():
     return started if 0 <= age and started <= _IMPORT_TIME else _IMPORT_TIME
 
 
+MARGIN_FRACTION = 0.015
+
+
 def default_margin(seconds):
     """Seconds a budget keeps in reserve: max(3 s, 1.5 % of the budget).
 
@@ -85,7 +95,7 @@ def default_margin(seconds):
     For budgets of 10 minutes or more the margin is 1.5 %, which leaves 3.5 % of the budget for
     the last unit of work that no longer fits, keeping the unused part under 5 %.
     """
-    return max(3.0, 0.015 * seconds)
+    return max(3.0, MARGIN_FRACTION * seconds)
 
 
 class Budget:
@@ -108,6 +118,35 @@ class Budget:
     def fits(self, seconds_needed):
         """True when `seconds_needed` more seconds of work still leave the margin untouched."""
         return self.remaining() - self.margin >= seconds_needed
+
+
+def stage_budget(seconds, start):
+    """The budget a supervised stage plans with: the supervisor's, less what the kill needs."""
+    return Budget(seconds, start=start, margin=default_margin(seconds) + KILL_RESERVE)
+
+
+def minimum_budget(work_seconds):
+    """The shortest budget in which a supervised stage can do `work_seconds` of work (start-up,
+    a unit, a save): what is left after its margin and the kill reserve."""
+    # budget - max(3, 0.015 budget) - KILL_RESERVE >= work, solved for budget.
+    return max(work_seconds + 3.0 + KILL_RESERVE, (work_seconds + KILL_RESERVE) / (1 - MARGIN_FRACTION))
+
+
+def format_duration(seconds):
+    """A duration as a person types it: 40s, 1m12s, 8h, 7h30m (whole seconds)."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + \
+        (f"{seconds}s" if seconds or not (hours or minutes) else "")
+    return text
+
+
+def round_up_duration(seconds):
+    """`seconds` rounded up to what a person would ask for: whole seconds under a minute,
+    whole minutes under an hour, whole 10 minutes above."""
+    step = 1 if seconds < 60 else 60 if seconds < 3600 else 600
+    return format_duration(step * -(-seconds // step))
 
 
 class DurationEstimator:

@@ -37,13 +37,11 @@ import torch
 from rcic import __version__
 from rcic import portable, search, versions
 from rcic.atomic import fsync_dir, fsync_file, write_synced
+from rcic.checkpoint_names import MANIFEST, TMP_PREFIX, folder_name, step_of
 from rcic.errors import UserError
 
 FORMAT = 1
-MANIFEST = "MANIFEST.json"
 STATE = "state.pt"
-_TMP_PREFIX = ".tmp-ckpt-"
-_NAME = re.compile(r"ckpt-(\d+)")
 _CHUNK = 1 << 20
 
 log = logging.getLogger("rcic")
@@ -127,14 +125,14 @@ def _commit_new(out_dir, step, keep, write):
     """Run `write(tmp_folder) -> manifest` in a temporary folder, then commit and prune."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out_dir))
     except OSError as err:
         raise _save_error(out_dir, err) from err
     try:
         manifest = write(tmp)
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
         fsync_dir(tmp)
-        final = _rename_into_place(tmp, out_dir / f"ckpt-{step:09d}")
+        final = _rename_into_place(tmp, out_dir / folder_name(step))
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError):
@@ -173,18 +171,18 @@ def _prune(out_dir, new, step, recipe_hash, keep):
         path = Path(entry.path)
         if entry.name == new.name or not entry.is_dir(follow_symlinks=False):
             continue
-        if entry.name.startswith(_TMP_PREFIX):
+        if entry.name.startswith(TMP_PREFIX):
             _remove(path)
             continue
-        match = _NAME.match(entry.name)
-        if not match or int(match[1]) > step:
+        found = step_of(entry.name)
+        if found is None or found > step:
             continue
         try:
             if json.loads((path / MANIFEST).read_text())["recipe_hash"] != recipe_hash:
                 continue
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        older.append((int(match[1]), entry.name, path))
+        older.append((found, entry.name, path))
     # Same-step folders are replaced versions (``.old-*`` leftovers): never worth keeping.
     older.sort(reverse=True)
     kept = [o for o in older if o[0] < step][:keep - 1]
@@ -197,8 +195,8 @@ def _remove(path):
     """Delete a checkpoint folder so that a kill midway leaves no half-deleted checkpoint: first
     rename it to a temporary name (which discovery ignores and the next commit clears)."""
     try:
-        if not path.name.startswith(_TMP_PREFIX):
-            trash = path.with_name(f"{_TMP_PREFIX}removing-{secrets.token_hex(4)}")
+        if not path.name.startswith(TMP_PREFIX):
+            trash = path.with_name(f"{TMP_PREFIX}removing-{secrets.token_hex(4)}")
             os.rename(path, trash)
             path = trash
         shutil.rmtree(path)
@@ -285,8 +283,8 @@ def _verified(ref):
 
 def _checkpoint_folders(roots):
     """Folders named ckpt-* at any depth under `roots` (see rcic.search for how)."""
-    for folder, _ in search.walk(roots, skip=lambda name: name.startswith(_TMP_PREFIX)):
-        if _NAME.match(folder.name):
+    for folder, _ in search.walk(roots, skip=lambda name: name.startswith(TMP_PREFIX)):
+        if step_of(folder.name) is not None:
             yield folder
 
 

@@ -70,6 +70,9 @@ class TrainConfig:
     eval_every_steps: int = 0          # 0 = at the end of each epoch
     checkpoint_every_steps: int = 200  # periodic checkpoints inside long epochs
     log_every_steps: int = 10
+    # How the run executes, not what it computes (so not in the training hash):
+    deterministic: bool = False        # deterministic CUDA kernels, no cuDNN autotuning
+    ddp_backend: str = "auto"          # auto (nccl on GPUs, gloo on CPUs) | nccl | gloo
 
 
 @dataclass
@@ -103,7 +106,8 @@ class Recipe:
 # Fields that may change between stages of one run without changing the weights it computes.
 RUN_ONLY_FIELDS = {
     "name", "data.num_workers", "data.cache", "train.checkpoint_every_steps",
-    "train.log_every_steps", "train.eval_every_steps",
+    "train.log_every_steps", "train.eval_every_steps", "train.deterministic",
+    "train.ddp_backend",
 }
 
 

@@ -28,7 +28,6 @@ The child dies with the parent (PR_SET_PDEATHSIG): killing `rcic-stage` kills it
 import ctypes
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,18 +36,10 @@ import threading
 import time
 from pathlib import Path
 
-from rcic.budget import Budget, default_margin
-from rcic.config import save_recipe
+from rcic import stage_report
+from rcic.budget import KILL_RESERVE
+from rcic.checkpoint_names import newest_commit_on_disk
 from rcic.errors import UserError
-
-# Seconds between the kill and the deadline: freezing and killing the process tree, reaping it,
-# writing stage.json and the parent's own exit (no torch in it). That work takes 0.03-0.2 s; on
-# a 2-core machine at load 16, with the supervisor niced, the exit came up to 1.8 s after the
-# kill (tools/budget_sweep.py): the rest is slack for a scheduler slow to run the parent at all.
-KILL_RESERVE = 3.0
-EVENTS_ENV = "RCIC_STAGE_EVENTS"      # the FIFO a supervised stage reports to
-# What a stage tells: "teardown" from its final reports on, "exit" once they are written.
-PHASES = ("startup", "step", "eval", "pseudo", "save", "teardown", "exit")
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -70,13 +61,13 @@ def _die_with_parent():
 # ------------------------------------------------------------------ the child's side
 
 class Reporter:
-    """What a supervised stage is doing, told to its supervisor one JSON line at a time.
+    """What a supervised stage is doing, told to its supervisor one JSON line at a time: a
+    phase of rcic.stage_report.PHASES and the stage's numbers so far.
 
     Writes never block and never fail the stage: a full pipe drops the line (the next one says
-    everything again) and an unsupervised stage has nobody to tell."""
+    everything again), and a stage without a supervisor (`path` None) has nobody to tell."""
 
     def __init__(self, path=None):
-        path = path if path is not None else os.environ.get(EVENTS_ENV)
         self._fd = None
         if path:
             try:
@@ -85,9 +76,13 @@ class Reporter:
                 self._fd = None
 
     def tell(self, phase, status):
+        assert phase in stage_report.PHASES, phase
         if self._fd is None:
             return
-        line = json.dumps({"phase": phase, "status": status}, separators=(",", ":")) + "\n"
+        # When, on the clock every process of the machine shares: the supervisor times phases
+        # from it, not from when it got round to reading the line (late on a loaded machine).
+        line = json.dumps({"phase": phase, "status": status, "at": time.monotonic()},
+                          separators=(",", ":")) + "\n"
         try:
             os.write(self._fd, line.encode())
         except OSError:     # a full pipe (EAGAIN) or a supervisor gone (EPIPE)
@@ -110,28 +105,33 @@ def _process_table():
     return table
 
 
-def tree(root):
-    """`root`, every process below it, and every member of its process group."""
+def children(parent):
+    """The process ids whose parent is `parent`."""
+    return {pid for pid, (ppid, _) in _process_table().items() if ppid == parent}
+
+
+def tree(*roots):
+    """`roots`, every process below them, and every member of their process groups."""
     table = _process_table()
-    found, frontier = {root}, [root]
+    found, frontier = set(roots), list(roots)
     while frontier:
         parent = frontier.pop()
         for pid, (ppid, _) in table.items():
             if ppid == parent and pid not in found:
                 found.add(pid)
                 frontier.append(pid)
-    found |= {pid for pid, (_, pgid) in table.items() if pgid == root}
+    found |= {pid for pid, (_, pgid) in table.items() if pgid in roots}
     return found
 
 
-def kill_tree(root):
-    """SIGKILL `root` and everything below it; returns their process ids.
+def kill_tree(*roots):
+    """SIGKILL `roots` and everything below them; returns their process ids.
 
     Stopped first (SIGSTOP), then killed, so that none can fork a new process or hand its
     work on between the look and the kill."""
     frozen = set()
     while True:
-        new = tree(root) - frozen - {os.getpid()}
+        new = tree(*roots) - frozen - {os.getpid()}
         if not new:
             break
         for pid in new:
@@ -160,51 +160,6 @@ def _reap(pids):
 
 
 # ------------------------------------------------------------------ the supervisor
-
-def supervised():
-    """True in a stage that a supervisor runs (and in each of its ranks)."""
-    return EVENTS_ENV in os.environ
-
-
-def stage_budget(seconds, start):
-    """The budget a supervised stage plans with: the supervisor's, less what the kill needs."""
-    return Budget(seconds, start=start, margin=default_margin(seconds) + KILL_RESERVE)
-
-
-def check_writable(out):
-    """Fail before any work if the output folder cannot take files."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".rcic-write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"output folder {out} is not writable ({err.strerror}): pass a writable --out")
-
-
-def supervise_stage(recipe, data_root, out, budget, resume_roots, max_steps=0, quiet=False, gpus=1):
-    """Run `rcic-stage` for `recipe` as a supervised child (torchrun with `gpus` > 1) on the
-    clock of `budget`; returns the exit status (see `supervise`). data_root None: the embedded
-    data. The recipe travels as a YAML file, exactly as given (overrides included)."""
-    check_writable(out)
-    folder = Path(tempfile.mkdtemp(prefix="rcic-recipe-"))
-    try:
-        save_recipe(recipe, folder / "recipe.yaml")
-        argv = ["--config", str(folder / "recipe.yaml"), "--out", str(out),
-                "--budget", f"{budget.seconds:g}s", "--steps", str(max_steps)]
-        argv += ["--data", str(data_root)] if data_root is not None else []
-        argv += ["--quiet"] if quiet else []
-        argv += ["--resume-from", *map(str, resume_roots)]
-        if gpus > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={gpus}", "-m", "rcic.cli.stage", *argv]
-        else:
-            cmd = [sys.executable, "-m", "rcic.cli.stage", *argv]
-        env = dict(os.environ, RCIC_START_TIME=repr(budget.start))
-        return supervise(cmd, budget, out, recipe.name, env=env)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
 
 class _Listener(threading.Thread):
     """Reads the child's reports; keeps the newest and when its phase began."""
@@ -235,7 +190,7 @@ class _Listener(threading.Thread):
                     continue
                 with self.lock:
                     if event.get("phase") != self.phase:
-                        self.phase_since = time.monotonic()
+                        self.phase_since = event.get("at") or time.monotonic()
                     if event.get("phase") == "teardown" and self.teardown_since is None:
                         self.teardown_since = self.phase_since
                     self.phase, self.status = event.get("phase"), event.get("status") or {}
@@ -250,8 +205,9 @@ class _Listener(threading.Thread):
             return self.phase, dict(self.status), time.monotonic() - self.phase_since
 
 
-def supervise(cmd, budget, out, recipe_name, env=None):
-    """Run the stage `cmd` under `budget` (a rcic.budget.Budget); end it at the deadline.
+def supervise(command, budget, out, recipe_name, env=None):
+    """Run the stage `command(events)` under `budget` (a rcic.budget.Budget); end it at the
+    deadline. `command` makes the stage's argv from the path of the FIFO its Reporter writes to.
 
     Returns the exit status for rcic-stage: the child's own when it ended by itself; at the
     deadline 0 with a committed checkpoint, else a UserError saying the budget is too short."""
@@ -266,22 +222,28 @@ def supervise(cmd, budget, out, recipe_name, env=None):
     os.set_blocking(read_fd, True)
     listener = _Listener(read_fd)
     listener.start()
-    child_env = dict(os.environ if env is None else env, **{EVENTS_ENV: str(fifo)})
+    ours = children(os.getpid())     # our own children, before the stage: never the stage's
     # Its own process group: the terminal's Ctrl-C reaches only the parent, which forwards it once.
-    proc = subprocess.Popen(cmd, env=child_env, process_group=0, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(command(fifo), env=env, process_group=0, preexec_fn=_die_with_parent)
+
+    def adopted():
+        """Orphans of the stage (their parent exited), which came to us as its subreaper."""
+        return children(os.getpid()) - ours - {proc.pid}
+
     previous = {s: signal.signal(s, lambda signum, frame: _signal(proc.pid, signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
             returncode = proc.wait(timeout=max(0.0, budget.remaining() - KILL_RESERVE))
+            _reap(kill_tree(*adopted()))     # none outlives the stage
             if returncode == 0:
-                note_exit(Path(out), budget.elapsed(), listener.teardown_seconds())
+                note_exit(out, budget.elapsed(), listener.teardown_seconds())
             return returncode
         except subprocess.TimeoutExpired:
             pass
         phase, status, phase_seconds = listener.snapshot()
         killed_at = budget.elapsed()
-        killed = kill_tree(proc.pid)
+        killed = kill_tree(proc.pid, *adopted())
         try:
             proc.wait(timeout=0.2)   # a process stuck in the kernel dies when the kernel lets it
         except subprocess.TimeoutExpired:
@@ -292,21 +254,21 @@ def supervise(cmd, budget, out, recipe_name, env=None):
             # own ending was cut short.
             returncode = status.get("returncode", 0)
             if returncode == 0:
-                note_exit(Path(out), budget.elapsed(), listener.teardown_seconds(), killed=True)
+                note_exit(out, budget.elapsed(), listener.teardown_seconds(), killed=True)
             return returncode
         if phase in ("step", "eval", "pseudo", "save"):
             print(file=sys.stderr)   # the stage's progress bar may have left the line open
         if status.get("checkpoint_step") is None:
             # Nothing to continue from: say so, and leave the folder as it was.
-            raise UserError(too_short_by_deadline(status.get("recipe", recipe_name),
-                                                  phase, phase_seconds, budget.seconds))
-        report = deadline_report(status, phase, phase_seconds, killed_at, budget, len(killed),
-                                 newest_commit_on_disk(Path(out)))
+            raise UserError(stage_report.killed_before_a_commit(
+                status.get("recipe", recipe_name), budget.seconds, phase, phase_seconds))
+        report = stage_report.deadline_report(status, phase, phase_seconds, killed_at, budget,
+                                              len(killed), newest_commit_on_disk(out))
         # On a disk that has stalled, writing may never return: try, but exit on time.
-        writer = threading.Thread(target=_write_report, args=(Path(out), report), daemon=True)
+        writer = threading.Thread(target=_write_report, args=(out, report), daemon=True)
         writer.start()
         writer.join(timeout=max(0.0, budget.remaining() - 0.5))
-        print(json.dumps({k: report.get(k) for k in SUMMARY_KEYS}), flush=True)
+        print(json.dumps({k: report.get(k) for k in stage_report.SUMMARY_KEYS}), flush=True)
         return 0
     finally:
         for signum, handler in previous.items():
@@ -319,87 +281,24 @@ def supervise(cmd, budget, out, recipe_name, env=None):
             pass
 
 
-SUMMARY_KEYS = ("done", "global_step", "total_steps", "epoch", "seconds_used",
-                "samples_per_second", "stages_left_estimate", "stopped_by")
-
-
-def newest_commit_on_disk(out):
-    """The step of the newest committed checkpoint folder in `out`, or None. A commit is a
-    rename, so a folder named ``ckpt-NNNNNNNNN`` is complete; the child reports its commit only
-    after the rename, and a kill can fall between the two."""
-    steps = [int(p.name[5:]) for p in out.glob("ckpt-*")
-             if p.name[5:].isdigit() and (p / "MANIFEST.json").is_file()]
-    return max(steps, default=None)
-
-
-def deadline_report(status, phase, phase_seconds, killed_at, budget, n_killed, on_disk=None):
-    """stage.json after a kill: the child's last status, and what the kill interrupted.
-    `on_disk`: the newest commit found in the output folder, newer than the reported one when
-    the kill came between a commit's rename and its report."""
-    report = dict(status)
-    if on_disk is not None and on_disk > report["checkpoint_step"]:
-        report["checkpoint_step"] = on_disk
-    report.update({
-        "done": False,
-        "stopped_by": "deadline",
-        "interrupted": phase,
-        "interrupted_after_seconds": round(phase_seconds, 3),
-        "killed_at_seconds": round(killed_at, 3),
-        "processes_killed": n_killed,
-        "budget_seconds": budget.seconds,
-        "seconds_used": round(budget.elapsed(), 3),
-    })
-    # What the stage did after its newest commit is lost with it: the next stage starts there.
-    report["global_step"] = report["checkpoint_step"]
-    return report
-
-
 def note_exit(out, exit_seconds, teardown_seconds, killed=False):
     """Add to the stage's own stage.json when its process ended, as seen from outside, and how
     long its teardown took (reports, plot, loader workers joined, interpreter exit)."""
-    try:
-        report = json.loads((out / "stage.json").read_text())
-    except (OSError, ValueError):
-        return
-    report["exit_seconds"] = round(exit_seconds, 3)
-    if teardown_seconds is not None:
-        report.setdefault("costs", {})["teardown_seconds"] = round(teardown_seconds, 3)
+    fields = {"exit_seconds": round(exit_seconds, 3)}
     if killed:
-        report["killed_at_exit"] = True
-    _write_report(out, report)
+        fields["killed_at_exit"] = True
+    costs = None if teardown_seconds is None else {"teardown_seconds": round(teardown_seconds, 3)}
+    try:
+        stage_report.amend(out, fields, costs)
+    except OSError as err:
+        print(f"rcic-stage: could not write {Path(out) / stage_report.REPORT_NAME} "
+              f"({err.strerror})", file=sys.stderr)
 
 
 def _write_report(out, report):
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".stage.json.tmp"
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, out / "stage.json")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        stage_report.write(out, report)
     except OSError as err:
-        print(f"rcic-stage: could not write {out / 'stage.json'} ({err.strerror})", file=sys.stderr)
-
-
-def too_short_by_deadline(recipe_name, phase, phase_seconds, budget_seconds):
-    what = {"startup": "start-up", "step": "its first optimizer step", "eval": "a validation",
-            "pseudo": "a pseudo-label pass", "save": "its first save",
-            "teardown": "its teardown"}.get(phase, phase)
-    return (f"budget {format_duration(budget_seconds)} is too short for recipe {recipe_name} "
-            f"here: {what} was still running at the deadline ({phase_seconds:.0f} s in) and "
-            f"nothing was committed; give it at least {round_up_duration(2 * budget_seconds)}")
-
-
-def format_duration(seconds):
-    """A duration as a person types it: 40s, 1m12s, 8h, 7h30m (whole seconds)."""
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + \
-        (f"{seconds}s" if seconds or not (hours or minutes) else "")
-    return text
-
-
-def round_up_duration(seconds):
-    """`seconds` rounded up to what a person would ask for: whole seconds under a minute,
-    whole minutes under an hour, whole 10 minutes above."""
-    step = 1 if seconds < 60 else 60 if seconds < 3600 else 600
-    return format_duration(step * -(-seconds // step))
+        print(f"rcic-stage: could not write {Path(out) / stage_report.REPORT_NAME} "
+              f"({err.strerror})", file=sys.stderr)

@@ -14,22 +14,19 @@ by itself also leaves the inference weights, `stage.json`, `metrics.csv`, `curve
 `stage.log` there.
 """
 import csv
-import json
 import logging
 import math
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from rcic import checkpoint, deadline
+from rcic import checkpoint, stage_report
 from rcic.budget import USABLE_FRACTION, DurationEstimator, Interrupted, StopRequest
 from rcic.config import differing_training_fields, from_dict, save_recipe
-from rcic.deadline import Reporter, format_duration, round_up_duration
+from rcic.deadline import Reporter
 from rcic.errors import UserError
 from rcic.logs import setup_logging
 from rcic.progress import latest, progress
@@ -39,37 +36,22 @@ from rcic.weights import WEIGHTS_NAME, find_weights, read_weights, save_weights
 log = logging.getLogger("rcic")
 
 
-def run_stage(recipe, data, out, budget, resume_roots, max_steps=0, quiet=False, gpus=1):
-    """Train one stage of `recipe` on `data` (an RxRx1) into `out`; returns its report (the
-    content of stage.json).
+def train_stage(recipe, data, out, budget, resume_roots, max_steps=0, quiet=False,
+                reporter=None):
+    """Train one stage of `recipe` on `data` (an RxRx1) into `out` in this process (a rank of
+    it under torchrun: rank 0 alone writes); returns its report (the content of stage.json).
 
-    Called by a program (rcic-stage, a Kaggle kernel), it runs the stage in a child process (under
-    torchrun with `gpus` > 1) that a supervisor ends at the deadline whatever it is doing
-    (rcic/deadline.py); a stage that failed has said why on stderr: SystemExit with its status.
-    In that child, and in each of its ranks, it trains: rank 0 alone writes.
-
-    resume_roots: folders searched for this recipe's newest checkpoint (`out` is added).
-    max_steps: stop after that many optimizer steps even with budget left (0: no limit).
+    This is the worker's function: rcic-stage and the kernels reach it through the launcher
+    (rcic/launch.py), which supervises it; tests that are not about processes call it directly.
+    budget: a rcic.budget.Budget; resume_roots: folders searched for this recipe's newest
+    checkpoint (`out` is added); max_steps: stop after that many optimizer steps even with
+    budget left (0: no limit); reporter: the supervisor's rcic.deadline.Reporter, if any.
     """
     out = Path(out)
-    if not deadline.supervised():
-        status = deadline.supervise_stage(recipe, data.root, out, budget, resume_roots, max_steps,
-                                          quiet, gpus)
-        if status:
-            raise SystemExit(status)
-        return json.loads((out / "stage.json").read_text())
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(out / "stage.log" if rank == 0 else None, quiet or rank > 0)
-    return Stage(recipe, data, out, budget, [*resume_roots, out], max_steps).run()
-
-
-def launch_distributed(gpus, stage_argv, start):
-    """Run the rcic-stage command `stage_argv` with one DDP process per GPU (torchrun, under
-    rcic-stage's supervisor), all on the clock that started at `start` (epoch seconds);
-    returns its exit status."""
-    env = dict(os.environ, RCIC_START_TIME=repr(start))
-    cmd = [sys.executable, "-m", "rcic.cli.stage", f"--gpus={gpus}", *stage_argv]
-    return subprocess.run(cmd, env=env).returncode
+    reporter = reporter if reporter is not None and rank == 0 else Reporter()
+    return Stage(recipe, data, out, budget, [*resume_roots, out], max_steps, reporter).run()
 
 
 def find_resume_point(roots, recipe):
@@ -90,20 +72,42 @@ def find_resume_point(roots, recipe):
     return None
 
 
-def setup_distributed():
-    """(world, rank, device): one process per GPU under torchrun, else a single process."""
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def setup_distributed(train):
+    """(world, rank, device, runtime) for the recipe's `train` settings: one process per GPU
+    under torchrun, else a single process. `runtime` says how it runs (stage.json keeps it).
+
+    Rank r takes GPU r modulo the GPUs it sees: with `ddp_backend: gloo` several ranks may
+    share one GPU (NCCL refuses that), which a test on a one-GPU machine needs."""
+    if train.ddp_backend not in BACKENDS:
+        raise UserError(f"recipe field train.ddp_backend is {train.ddp_backend!r}: expected one "
+                        f"of {', '.join(BACKENDS)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if train.deterministic:
+        # cuBLAS needs its workspace fixed before the first CUDA call to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: some backward kernels (adaptive average pooling) have no deterministic
+        # twin and only warn, naming the op that breaks exactness.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    backend = None
     if world > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = train.ddp_backend if train.ddp_backend != "auto" else "nccl" if cuda else "gloo"
         dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        # The input size never changes within a run: let cuDNN pick its fastest kernels.
-        torch.backends.cudnn.benchmark = True
-        return world, rank, torch.device("cuda", local)
-    return world, rank, torch.device("cpu")
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        # The input size never changes within a run: let cuDNN pick its fastest kernels, unless
+        # the run must be deterministic (autotuning may pick other kernels in another process).
+        torch.backends.cudnn.benchmark = not train.deterministic
+    runtime = {"device": str(device), "world_size": world, "backend": backend,
+               "deterministic": train.deterministic,
+               "cudnn_benchmark": bool(cuda and not train.deterministic)}
+    return world, rank, device, runtime
 
 
 def all_agree(flag, world, device):
@@ -119,14 +123,14 @@ class Stage:
     """Train one stage of a recipe: what happens next is always one of eval, pseudo, step, save
     or stop (`train_loop`), each asked of the budget first."""
 
-    def __init__(self, recipe, data, out, budget, resume_roots, max_steps=0):
+    def __init__(self, recipe, data, out, budget, resume_roots, max_steps=0, reporter=None):
         self.recipe, self.data, self.out, self.budget = recipe, data, Path(out), budget
         self.max_steps = max_steps    # optimizer steps this stage may take (0 = no limit)
         self.resume_roots = resume_roots
         self.times = DurationEstimator()
-        self.world, self.rank, self.device = setup_distributed()
+        self.world, self.rank, self.device, self.runtime = setup_distributed(recipe.train)
         self.is_main = self.rank == 0
-        self.reporter = Reporter() if self.is_main else Reporter("")
+        self.reporter = reporter or Reporter()   # nobody to tell without a supervisor
         self.stop = None              # the StopRequest while run() runs
         self.stopped_by = None        # "done", "budget", "signal" or "steps"
         self.steps_this_stage = 0
@@ -136,9 +140,7 @@ class Stage:
         self.checkpoint_step = None   # the step of the newest checkpoint committed in `out`
         self.changed = False          # trained or evaluated anything in this stage
         # Where the budget went: the fixed costs of a stage, besides its steps.
-        self.costs = {"startup_seconds": None, "first_step_seconds": None, "save_seconds": 0.0,
-                      "saves": 0, "eval_seconds": 0.0, "evals": 0, "pseudo_seconds": 0.0,
-                      "pseudo_passes": 0, "teardown_estimate_seconds": self.budget.margin}
+        self.costs = stage_report.new_costs(teardown_estimate=self.budget.margin)
 
     # -- run --------------------------------------------------------------------------------
     def run(self):
@@ -254,12 +256,12 @@ class Stage:
         self.stopped_by = reason or "budget"     # another rank ran out of budget first
         if self.stopped_by == "budget" and not self.changed:
             # Start-up left no room for any work: this budget can never make progress.
+            # The unit was never measured: count it as long as start-up, at the least.
             startup = self.costs["startup_seconds"]
-            need = 2 * startup + self.times.estimate("save") + self.budget.margin
-            raise UserError(f"budget {format_duration(self.budget.seconds)} is too short for recipe "
-                            f"{self.recipe.name} here: start-up took {startup:.0f} s and left no "
-                            f"time for a {unit} and a save; give it at least "
-                            f"{round_up_duration(max(need, self.budget.seconds + 1))}")
+            work = startup + max(self.times.estimate(unit, 0.0), startup) + self.times.estimate("save")
+            raise UserError(stage_report.too_short(
+                self.recipe.name, self.budget.seconds,
+                f"start-up took {startup:.0f} s and left no time for a {unit} and a save", work))
         return False
 
     def batch_stop(self, kind, collective=True):
@@ -333,14 +335,12 @@ class Stage:
         if not self.changed:
             micro = self.times.estimate("micro-batch")
             step = micro * trainer.accum
-            # The budget must hold what start-up took, a step, a save and the margins.
-            need = (self.costs["startup_seconds"] + step + self.times.estimate("save")
-                    + self.budget.margin) / 0.985
             parts = f" ({trainer.accum} micro-batches of ~{micro:.0f} s)" if trainer.accum > 1 else ""
-            at_least = round_up_duration(max(need, self.budget.seconds + 1))
-            raise UserError(f"budget {format_duration(self.budget.seconds)} is too short for recipe "
-                            f"{self.recipe.name} here: one optimizer step takes about {step:.0f} s"
-                            f"{parts}; give it at least {at_least}")
+            # The budget must hold what start-up took, a step and a save.
+            work = self.costs["startup_seconds"] + step + self.times.estimate("save")
+            raise UserError(stage_report.too_short(
+                self.recipe.name, self.budget.seconds,
+                f"one optimizer step takes about {step:.0f} s{parts}", work))
         self.stopped_by = "budget"
         log.info("stopped before the end of step %d: the rest of it no longer fits in the budget",
                  trainer.global_step + 1)
@@ -349,43 +349,43 @@ class Stage:
     def evaluate(self, trainer):
         """A validation pass; False when the budget stopped it at a batch boundary (an epoch's
         validation then stays pending: the next stage runs it from the start)."""
-        self.tell("eval", trainer)
-        started = time.perf_counter()
-        try:
-            with self.times.timer("eval"):
-                row = trainer.evaluate(stop=self.batch_stop("eval-batch"))
-        except Interrupted:
-            self.stopped_by = "budget"
-            log.info("validation at step %d stopped: the rest of it no longer fits in the budget",
-                     trainer.global_step)
-            return False
-        finally:
-            self.costs["eval_seconds"] += time.perf_counter() - started
-        self.costs["evals"] += 1
-        self.changed = True
-        log.info("step %d epoch %d: val_loss %.4f val_acc %.4f", row["step"], row["epoch"],
-                 row["val_loss"], row["val_acc"])
-        return True
+        row = self.run_pass("eval", lambda stop: trainer.evaluate(stop=stop), trainer,
+                            stopped=f"validation at step {trainer.global_step} stopped")
+        if row is not None:
+            log.info("step %d epoch %d: val_loss %.4f val_acc %.4f", row["step"], row["epoch"],
+                     row["val_loss"], row["val_acc"])
+        return row is not None
 
     def refresh_pseudo(self, trainer):
         """Choose this epoch's pseudo-labels; False when the budget stopped the pass (the labels
-        stay due: the next stage chooses them from the start, with the same weights)."""
-        self.tell("pseudo", trainer)
+        stay due: the next stage chooses them from the start, with the same weights). Rank 0
+        alone predicts, so it alone asks the budget (no collective per batch)."""
+        n = self.run_pass("pseudo", lambda stop: trainer.refresh_pseudo(stop=stop), trainer,
+                          stopped="pseudo-labelling stopped", collective=False)
+        if n is not None:
+            log.info("epoch %d: %d pseudo-labelled test wells join the training set",
+                     trainer.epoch, n)
+        return n is not None
+
+    def run_pass(self, phase, run, trainer, stopped, collective=True):
+        """Run a long pass, `run(stop)`, as unit `phase` (rcic.stage_report.UNITS), asking the
+        budget before each batch; its result, or None when the budget stopped it (`stopped`
+        says which pass in the log). Its seconds and count go to the stage's costs."""
+        unit = stage_report.UNIT[phase]
+        self.tell(phase, trainer)
         started = time.perf_counter()
         try:
-            with self.times.timer("pseudo"):
-                # Rank 0 alone predicts, so it alone asks the budget (no collective per batch).
-                n = trainer.refresh_pseudo(stop=self.batch_stop("pseudo-batch", collective=False))
+            with self.times.timer(phase):
+                result = run(self.batch_stop(f"{phase}-batch", collective))
         except Interrupted:
             self.stopped_by = "budget"
-            log.info("pseudo-labelling stopped: the rest of it no longer fits in the budget")
-            return False
+            log.info("%s: the rest of it no longer fits in the budget", stopped)
+            return None
         finally:
-            self.costs["pseudo_seconds"] += time.perf_counter() - started
-        self.costs["pseudo_passes"] += 1
+            self.costs[unit.seconds_key] += time.perf_counter() - started
+        self.costs[unit.count_key] += 1
         self.changed = True
-        log.info("epoch %d: %d pseudo-labelled test wells join the training set", trainer.epoch, n)
-        return True
+        return result
 
     # -- saving -----------------------------------------------------------------------------
     def save(self, trainer):
@@ -402,8 +402,9 @@ class Stage:
                 self.checkpoint_step = trainer.global_step
                 save_weights(self.out / WEIGHTS_NAME, trainer.inference_model(), self.recipe,
                              self.weights_meta(trainer))
-        self.costs["save_seconds"] += time.perf_counter() - started
-        self.costs["saves"] += 1
+        unit = stage_report.UNIT["save"]
+        self.costs[unit.seconds_key] += time.perf_counter() - started
+        self.costs[unit.count_key] += 1
 
     def weights_meta(self, trainer):
         return {"n_treatments": self.data.n_treatments, "num_classes": trainer.num_classes,
@@ -447,9 +448,8 @@ class Stage:
             "resumed_from": str(self.resumed_from.path) if self.resumed_from else None,
             "last_eval": next((r for r in reversed(trainer.history) if "val_acc" in r), None),
             "stopped_by": self.stopped_by,
-            "stopped_by_signal": self.stopped_by == "signal",
-            "seconds_saving": costs["save_seconds"],
             "costs": costs,
+            "runtime": self.runtime,
         }
 
     def report(self, trainer):
@@ -461,7 +461,7 @@ class Stage:
 
     def write_reports(self, trainer, report):
         save_recipe(self.recipe, self.out / "recipe.yaml")
-        (self.out / "stage.json").write_text(json.dumps(report, indent=1))
+        stage_report.write(self.out, report)
         rows = trainer.history
         keys = ["step", "epoch", "lr", "train_loss", "val_loss", "val_acc"]
         with open(self.out / "metrics.csv", "w", newline="") as f:

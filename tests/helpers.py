@@ -1,8 +1,8 @@
 """What several test files share: running rcic-stage as a user does, and comparing weights.
 
 A console script can run as a real process (`stage`) or as its `main(argv)` in the test process
-(`run_main`; for rcic-stage `stage_main_here` and `stage_here`, which also run here the stage
-that its supervisor would start as a child). A tiny stage is mostly the start of a Python
+(`run_main`; for rcic-stage `stage_main_here` and `stage_here`, which run here the worker that
+its supervisor would launch as a child). A tiny stage is mostly the start of a Python
 process: importing torch, albumentations, torch._dynamo (the first optimizer) and matplotlib
 (the curves) costs several times its 16 training steps. Tests about processes (kills, signals,
 deadlines, exit codes seen by a shell, limits, DDP) start real ones; reference runs and reruns
@@ -68,36 +68,26 @@ def run_main(main, argv):
 
 
 def stage_main_here(argv):
-    """rcic-stage's main(argv) with its stage run in this process; its exit status. Like the
-    other mains, run it through `run_main`.
+    """rcic-stage's main(argv) with its worker run in this process; its exit status.
 
-    The supervisor (rcic.deadline.supervise_stage) checks --out, writes the recipe and then
-    starts the stage as a child: a new interpreter importing torch, albumentations and
-    torch._dynamo (~5 s of CPU a stage). Here everything runs as in the command except that
-    last start: the child's own main runs in this process, with the child's environment. A
-    test of what a stage writes or refuses needs no more; tests of the supervisor itself
-    (deadlines, kills, signals, exit codes seen by a shell) run the real command."""
-    from rcic import deadline
-    from rcic.cli import stage as stage_cli
+    Everything the command does before its first process runs here too (arguments, recipe,
+    budget, --out writable); then, instead of launching the worker as a supervised child (a
+    new interpreter importing torch, albumentations and torch._dynamo: ~5 s of CPU a stage),
+    the worker's own function runs here. A test of what a stage writes or refuses needs no
+    more; tests of the supervisor itself (deadlines, kills, signals, exit codes seen by a
+    shell) run the real command."""
+    from rcic.budget import stage_budget
+    from rcic.cli.stage import StageArgs
+    from rcic.cli.stage_worker import work
     from rcic.errors import cli_main
+    from rcic.launch import check_writable
 
-    def child_here(cmd, budget, out, recipe_name, env=None):
-        argv = cmd[cmd.index("rcic.cli.stage") + 1:]
-        saved = dict(os.environ)
-        os.environ.update(env or {})
-        os.environ[deadline.EVENTS_ENV] = ""      # supervised, with nobody to report to
-        try:
-            return cli_main("rcic-stage", stage_cli.run, argv)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-
-    supervise = deadline.supervise
-    deadline.supervise = child_here
-    try:
-        return stage_cli.main(argv)
-    finally:
-        deadline.supervise = supervise
+    def run(argv):
+        a = StageArgs(argv, start=time.time())
+        check_writable(a.out)
+        return work(a.recipe, a.data, a.out, stage_budget(a.budget.seconds, a.budget.start),
+                    a.roots, a.steps, a.quiet)
+    return cli_main("rcic-stage", run, [str(x) for x in argv])
 
 
 def stage_here(data, out, *extra, budget="5m", sets=()):
@@ -118,3 +108,15 @@ def assert_same_weights(a, b):
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), f"{name} differs between {a} and {b}"
+
+
+PATCHED = Path(__file__).parent / "programs" / "patched"
+
+
+def patched_env(**patches):
+    """The environment of a command whose every Python process applies the test patches of
+    tests/programs/patched/sitecustomize.py, e.g. patched_env(slow_micro_batches=5)."""
+    named = ",".join(f"{k.replace('_', '-')}={v}" if v is not True else k.replace("_", "-")
+                     for k, v in patches.items())
+    path = os.pathsep.join(filter(None, [str(PATCHED), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, RCIC_TEST_PATCHES=named)

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rcic.cli.cache import main as cache_main
-from rcic.data.cache import build_cache, open_cache
+from rcic.data.cache import MANIFEST as CACHE_MANIFEST, build_cache, open_cache
 from rcic.data.images import decode_site
 from rcic.data.layout import RxRx1
 from rcic.data.synthetic import SynthSpec, generate
@@ -153,18 +153,22 @@ def test_damaged_cache_is_refused_then_repaired_by_a_rerun(data, tmp_path, damag
 
 def test_cache_without_a_whole_manifest_is_refused(data, tmp_path):
     folder = build_cache(data, tmp_path / "c", 16, workers=2, progress=False)
-    manifest = folder / "MANIFEST.json"
+    manifest = folder / CACHE_MANIFEST
     text = manifest.read_text()
     manifest.write_text(text[:-20])
-    with pytest.raises(UserError, match="MANIFEST.json is unreadable"):
+    with pytest.raises(UserError, match="CACHE.json is unreadable"):
         open_cache(folder, data, 16)
     content = json.loads(text)
     del content["chunks"]
     manifest.write_text(json.dumps(content))
-    with pytest.raises(UserError, match="MANIFEST.json lacks 'chunks'"):
+    with pytest.raises(UserError, match="CACHE.json lacks 'chunks'"):
         open_cache(folder, data, 16)
     manifest.unlink()
     with pytest.raises(UserError, match="no complete cache"):
+        open_cache(folder, data, 16)
+    # A cache of rcic 0.1.0, whose manifest had a checkpoint's name: named as such.
+    (folder / "MANIFEST.json").write_text(text)
+    with pytest.raises(UserError, match="built by an older rcic, which named it MANIFEST.json"):
         open_cache(folder, data, 16)
 
 
@@ -198,7 +202,7 @@ def test_resume_after_sigkill_finishes_with_identical_bytes(tmp_path):
     committed = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
                  for p in (killed / "chunks").glob("*.npy")
                  if (killed / "chunks" / p.name.replace(".npy", ".done.json")).exists()}
-    assert not (killed / "MANIFEST.json").exists()
+    assert not (killed / CACHE_MANIFEST).exists()
     assert 1 <= len(committed) < 24, "the kill must land mid-build"
     with pytest.raises(UserError, match="interrupted"):
         open_cache(killed, RxRx1(data_dir), 80)
@@ -266,6 +270,6 @@ def test_cli_without_data_uses_the_embedded_data(data, tmp_path, capsys, monkeyp
     # one in for it, and check the command took its data from there.
     monkeypatch.setattr("rcic.data.synthetic.default_data_dir", lambda: data.root)
     assert run_cli(capsys, "--out", tmp_path / "c", "--size", 16, "--workers", 2)[0] == 0
-    manifest = json.loads((tmp_path / "c" / "MANIFEST.json").read_text())
+    manifest = json.loads((tmp_path / "c" / CACHE_MANIFEST).read_text())
     assert manifest["n_sites"] == len(data.sites)
     open_cache(tmp_path / "c", data, 16)

@@ -1,14 +1,12 @@
 """What only a GPU shows: AMP and its GradScaler across a resume, channels_last, fused
-optimizers, the budget with CUDA work in flight, DDP over NCCL.
+optimizers, the budget with CUDA work in flight, DDP over NCCL (or gloo on one GPU).
 
 Every test here is marked `cuda` and skipped without a GPU; `tools/gpu_check.py` runs them on a
 GPU machine (`pytest -m cuda tests/test_cuda.py`). Stages are real `rcic-stage` processes.
 """
 import copy
 import json
-import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -25,84 +23,44 @@ pytestmark = [pytest.mark.cuda,
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
-# rcic-stage with deterministic CUDA algorithms. rcic has no switch for them (and turns cuDNN
-# autotuning on, which may pick other kernels in another process), so the exact-resume tests
-# run the stage through this runner. With RCIC_TEST_SHARE_GPU set, every rank of a torchrun
-# launch uses GPU 0 over gloo: NCCL refuses two ranks on one GPU ("Duplicate GPU detected",
-# NCCL 2.5 and later), and rcic maps rank i to GPU i.
-RUNNER = r'''
-import os
-import sys
-
-import torch
-import rcic.stage
-
-# warn_only: some backward kernels (adaptive average pooling) have no deterministic twin and
-# only warn; an exact-resume failure would then show which op broke it.
-torch.use_deterministic_algorithms(True, warn_only=True)
-rcic_setup = rcic.stage.setup_distributed
-
-
-def setup_distributed():
-    if os.environ.get("RCIC_TEST_SHARE_GPU") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        torch.distributed.init_process_group("gloo")
-        torch.cuda.set_device(0)
-        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-        device = torch.device("cuda", 0)
-    else:
-        world, rank, device = rcic_setup()
-    torch.backends.cudnn.benchmark = False
-    return world, rank, device
-
-
-rcic.stage.setup_distributed = setup_distributed
-from rcic.cli.stage import main
-
-sys.exit(main(sys.argv[1:]))
-'''
-
-
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    path = tmp_path_factory.mktemp("runner") / "deterministic_stage.py"
-    path.write_text(RUNNER)
-    return path
-
-
-def deterministic_stage(runner, data, out, *extra, ranks=1, share_gpu=False):
-    """One stage through the deterministic runner; ranks > 1 launches it under torchrun."""
-    env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8")
-    if share_gpu:
-        env["RCIC_TEST_SHARE_GPU"] = "1"
-    launch = [sys.executable, str(runner)] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={ranks}", str(runner)]
-    cmd = [*launch, "--data", str(data), "--out", str(out), "--budget", "5m", "--quiet",
-           *extra, "--set", *TINY]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+def deterministic_stage(data, out, *extra, ranks=1, share_gpu=False):
+    """One real rcic-stage with deterministic CUDA kernels (`train.deterministic`), on `ranks`
+    processes. share_gpu: every rank on GPU 0 over gloo (`train.ddp_backend=gloo`; NCCL refuses
+    two ranks on one GPU). stage.json's `runtime` shows the worker ran as asked."""
+    sets = ["train.deterministic=true", *(["train.ddp_backend=gloo"] if share_gpu else [])]
+    cmd = ["rcic-stage", "--data", str(data), "--out", str(out), "--budget", "5m", "--quiet",
+           f"--gpus={ranks}", *extra, "--set", *TINY, *sets]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "stage.json").read_text())
+    report = json.loads((out / "stage.json").read_text())
+    runtime = report["runtime"]
+    assert runtime["deterministic"] is True and runtime["cudnn_benchmark"] is False, runtime
+    assert runtime["device"].startswith("cuda") and runtime["world_size"] == ranks, runtime
+    if ranks > 1:
+        assert runtime["backend"] == ("gloo" if share_gpu else "nccl"), runtime
+    assert report["stopped_by"] in ("done", "steps"), report
+    return report
 
 
 def checkpoint_state(out):
     return torch.load(next(out.glob("ckpt-*")) / "state.pt", weights_only=False)
 
 
-def resumes_exactly(runner, data, tmp_path, **launch):
+def resumes_exactly(data, tmp_path, **launch):
     """An uninterrupted run and one split into two stages end with the same weights."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    assert deterministic_stage(runner, data, whole, **launch)["done"] is True
-    first = deterministic_stage(runner, data, split, "--steps", "3", **launch)
+    assert deterministic_stage(data, whole, **launch)["done"] is True
+    first = deterministic_stage(data, split, "--steps", "3", **launch)
     assert first["done"] is False and first["global_step"] == 3
     middle = checkpoint_state(split)
-    assert deterministic_stage(runner, data, split, **launch)["done"] is True
+    assert deterministic_stage(data, split, **launch)["done"] is True
     assert_same_weights(split, whole)
     assert (split / "metrics.csv").read_text() == (whole / "metrics.csv").read_text()
     return middle, checkpoint_state(split), checkpoint_state(whole)
 
 
-def test_amp_resume_is_exact_and_carries_the_grad_scaler(tiny_data, tmp_path, runner):
-    middle, split, whole = resumes_exactly(runner, tiny_data, tmp_path)
+def test_amp_resume_is_exact_and_carries_the_grad_scaler(tiny_data, tmp_path):
+    middle, split, whole = resumes_exactly(tiny_data, tmp_path)
     scaler = middle["scaler"]
     # A disabled GradScaler saves {}: AMP was on. After 3 steps its state has moved: either
     # 3 steps without overflow counted, or an overflow halved the scale from 2**16.
@@ -221,19 +179,21 @@ def test_budget_holds_with_cuda_work_in_flight(tiny_data, tmp_path):
     report = json.loads((out / "stage.json").read_text())
     assert elapsed < budget, f"{elapsed:.1f} s for a {budget} s budget"
     assert report["global_step"] > 0 and report["done"] is False
+    # The stage stopped itself, before its supervisor's kill would have.
+    assert report["stopped_by"] == "budget", report
     assert report["seconds_used"] < budget
 
 
 @pytest.mark.skipif(GPUS == 1, reason="one GPU: NCCL refuses two ranks on one GPU ('Duplicate "
                     "GPU detected'); test_ddp_two_ranks_share_one_gpu_over_gloo runs instead")
-def test_ddp_over_nccl_one_process_per_gpu_resumes_exactly(tiny_data, tmp_path, runner):
-    middle, split, whole = resumes_exactly(runner, tiny_data, tmp_path, ranks=GPUS)
+def test_ddp_over_nccl_one_process_per_gpu_resumes_exactly(tiny_data, tmp_path):
+    middle, split, whole = resumes_exactly(tiny_data, tmp_path, ranks=GPUS)
     assert len(split["rng"]) == GPUS and all("cuda" in rng for rng in split["rng"])
     assert split["scaler"] == whole["scaler"]
 
 
 @pytest.mark.skipif(GPUS > 1, reason="more than one GPU: the NCCL test runs instead")
-def test_ddp_two_ranks_share_one_gpu_over_gloo(tiny_data, tmp_path, runner):
-    middle, split, whole = resumes_exactly(runner, tiny_data, tmp_path, ranks=2, share_gpu=True)
+def test_ddp_two_ranks_share_one_gpu_over_gloo(tiny_data, tmp_path):
+    middle, split, whole = resumes_exactly(tiny_data, tmp_path, ranks=2, share_gpu=True)
     assert len(split["rng"]) == 2
     assert split["scaler"] == whole["scaler"]

@@ -15,17 +15,19 @@ def cpu_seconds_of_children():
     return usage.ru_utime + usage.ru_stime
 
 
-def gpu_check(out, *args, timeout=600):
+def gpu_check(out, *args, timeout=600, cwd=ROOT):
     """(result, wall seconds, CPU seconds of the whole process tree)."""
     started, cpu = time.monotonic(), cpu_seconds_of_children()
-    result = subprocess.run([sys.executable, "tools/gpu_check.py", "--dry", "--out", str(out),
-                             *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--dry",
+                             "--out", str(out), *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=timeout)
     return result, time.monotonic() - started, cpu_seconds_of_children() - cpu
 
 
 def test_dry_run_fills_the_json_and_the_table_in_under_a_minute(tmp_path):
+    # Run as a user may: from another folder, with a relative --out.
     out = tmp_path / "check"
-    result, elapsed, cpu = gpu_check(out)
+    result, elapsed, cpu = gpu_check("check", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     # Under a minute of work: the CPU time of every process it started (on an idle 2-core
     # machine that is also about its wall time; other jobs on the CPU stretch the wall time).
@@ -58,6 +60,11 @@ def test_dry_run_fills_the_json_and_the_table_in_under_a_minute(tmp_path):
 
     stage, resume = check["stage"]
     assert stage["resumed_from"] is None and stage["checkpoints_seen"] >= 1
+    # The deterministic settings asked for in the recipe reached the worker, on the CPU.
+    for run in (stage, resume):
+        assert run["runtime"]["deterministic"] is True, run
+        assert run["runtime"]["device"] == "cpu" and run["runtime"]["world_size"] == 1
+        assert run["stopped_by"] == "steps", run     # its own --steps, not the budget or a kill
     assert resume["resumed_from"] and resume["steps_this_stage"] <= 2   # --steps 2
     # A resume that trained commits one new checkpoint; one that did not carries the old one.
     assert resume["checkpoints_seen"] == (1 if resume["steps_this_stage"] else 0)
@@ -80,6 +87,13 @@ def test_dry_run_fills_the_json_and_the_table_in_under_a_minute(tmp_path):
     assert sum(line.startswith("| tiny | 32 | 8 |") for line in lines) == 1
     assert sum(line.startswith("| test_") for line in lines) == len(check["tests"])
     assert "**Estimate** (not a measurement)" in table
+    assert sum("| steps | cpu, deterministic |" in line for line in lines) == 2
+
+    # Again in the same place: the parts that write files start from an empty work folder.
+    again, _, _ = gpu_check("check", "--parts", "env", "data", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert not list(tmp_path.glob("check/work/stage"))      # the older check's work is gone
+    assert set(p.name for p in tmp_path.iterdir()) == {"check"}  # nothing outside --out
 
 
 def test_a_part_past_its_cap_is_killed_and_recorded(tmp_path):

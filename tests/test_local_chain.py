@@ -51,7 +51,7 @@ def test_three_stage_local_chain_matches_an_uninterrupted_run(tmp_path, tiny_dat
         meta = json.loads((kernels / f"cache-{split}" / "kernel-metadata.json").read_text())
         assert meta["enable_gpu"] is False and "machine_shape" not in meta
         manifest = json.loads((runs / f"cache-{split}" / "working" / f"cache-{split}-16px" /
-                               "MANIFEST.json").read_text())
+                               "CACHE.json").read_text())
         assert (manifest["split"], manifest["format"], manifest["n_sites"]) == (
             split, "zlib", sites[split])
 

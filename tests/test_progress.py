@@ -1,6 +1,7 @@
 """Progress in a kernel log: a stage whose output goes to a file writes a plain line at most
 every RCIC_LOG_INTERVAL seconds, never tqdm's ten refreshes a second; a terminal keeps the bar."""
 import io
+import json
 import os
 import re
 import subprocess
@@ -16,12 +17,13 @@ LINE = re.compile(r"^rcic stage: step (\d+)/(\d+) \(\d+%\), epoch \d+, left [\d.
 
 def test_a_stage_writing_to_a_pipe_prints_a_line_per_interval(tiny_data, tmp_path):
     """As in a kernel: the stage's output goes to a pipe, read here line by line as it comes."""
-    interval = 1.0
+    interval = 2.0
     env = dict(os.environ, RCIC_LOG_INTERVAL=str(interval), PYTHONUNBUFFERED="1")
-    # Enough epochs that the budget, not the recipe, ends the stage.
+    # 200 steps, whatever they cost on this machine (seconds when idle, longer when loaded):
+    # several intervals long, and many steps an interval.
     proc = subprocess.Popen(
-        ["rcic-stage", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--budget", "20s",
-         "--set", "data.image_size=16", "data.batch_size=4", "train.epochs=500",
+        ["rcic-stage", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--budget", "10m",
+         "--steps", "200", "--set", "data.image_size=16", "data.batch_size=4", "train.epochs=500",
          "train.log_every_steps=1", "data.num_workers=0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     arrived = [(time.monotonic(), raw.decode()) for raw in proc.stdout]
@@ -37,6 +39,7 @@ def test_a_stage_writing_to_a_pipe_prints_a_line_per_interval(tiny_data, tmp_pat
     assert all(gap >= 0.9 * interval for gap in gaps), gaps
     # A handful of lines, however many steps: tqdm would have written one a step or more.
     assert steps[-1] >= 3 * len(steps), steps
+    assert json.loads((tmp_path / "run" / "stage.json").read_text())["stopped_by"] == "steps"
 
 
 def test_plain_lines_keep_their_cadence():

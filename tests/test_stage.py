@@ -2,6 +2,7 @@
 real files. The reference run and the plate-batch runs only need the files a stage writes: they
 run their stage in this process (helpers.stage_here)."""
 import json
+import os
 import signal
 import subprocess
 import time
@@ -9,7 +10,7 @@ import time
 import pytest
 
 from faults.harness import error_lines
-from helpers import TINY, assert_same_weights, stage, stage_here
+from helpers import assert_same_weights, stage, stage_argv, stage_here
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,9 @@ def test_reference_run_writes_every_report(reference):
 def test_three_stages_are_bit_identical_to_one_run(tiny_data, tmp_path, reference):
     out = tmp_path / "split"
     for _ in range(2):
-        report = stage(tiny_data, out, "--steps", "3")
-        assert '"done": false' in report.stdout
-    stage(tiny_data, out)
+        summary = json.loads(stage(tiny_data, out, "--steps", "3").stdout.splitlines()[-1])
+        assert summary["done"] is False and summary["stopped_by"] == "steps"
+    assert json.loads(stage(tiny_data, out).stdout.splitlines()[-1])["stopped_by"] == "done"
     assert_same_weights(out, reference)
     assert (out / "metrics.csv").read_text() == (reference / "metrics.csv").read_text()
 
@@ -78,27 +79,46 @@ def test_budget_is_never_exceeded(tiny_data, tmp_path):
                    check=False)
     elapsed = time.time() - start
     assert elapsed < budget, f"{elapsed:.1f}s for a {budget}s budget"
+    # Either way the stage stopped itself: not the supervisor's kill at the deadline (which
+    # alone would also end the process in time).
     if result.returncode == 0:
-        assert json.loads((out / "stage.json").read_text())["global_step"] > 0
+        report = json.loads((out / "stage.json").read_text())
+        assert report["global_step"] > 0 and report["stopped_by"] == "budget", report
     else:
         assert result.returncode == 2 and "is too short for recipe" in result.stderr
+        assert "nothing was committed" not in result.stderr       # the kill's line
         assert len(error_lines(result.stderr)) == 1, result.stderr
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_data, tmp_path):
-    out = tmp_path / "term"
-    cmd = ["rcic-stage", "--data", str(tiny_data), "--out", str(out), "--budget", "5m", "--quiet",
-           "--set", *TINY, "train.epochs=100"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not any(out.glob("ckpt-*")) and time.time() < deadline:
+def interrupted_stage(tmp_path, tiny_data, send):
+    """rcic-stage started as a shell starts a job (a process group of its own), interrupted by
+    `send(proc)` once it has committed a checkpoint; returns its stage.json."""
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(["rcic-stage", *stage_argv(tiny_data, out, sets=["train.epochs=100"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            process_group=0)
+    deadline = time.time() + 120
+    while not any(out.glob("ckpt-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
+    send(proc)
+    stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     report = json.loads((out / "stage.json").read_text())
-    assert report["stopped_by_signal"] is True and report["done"] is False
-    assert report["global_step"] > 0
+    # Stopped by the one signal: it finished the step, saved, and wrote its own report.
+    assert report["stopped_by"] == "signal" and report["done"] is False, report
+    assert report["global_step"] > 0 and report["checkpoint_step"] == report["global_step"]
+    return report
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_data, tmp_path):
+    interrupted_stage(tmp_path, tiny_data, lambda proc: proc.send_signal(signal.SIGTERM))
+
+
+def test_ctrl_c_in_a_terminal_stops_the_stage_once(tiny_data, tmp_path):
+    # A terminal's Ctrl-C is SIGINT to the whole foreground process group. The worker has a
+    # group of its own, so only the supervisor gets it and passes it on once: a second SIGINT
+    # would abort the worker (KeyboardInterrupt, a non-zero exit and no report).
+    interrupted_stage(tmp_path, tiny_data, lambda proc: os.killpg(proc.pid, signal.SIGINT))
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -108,8 +108,10 @@ def dry_plan(cores):
         step_workers=0, warmup=1, steps=3, rounds=1,
         synth={"classes": 16, "experiments": 2, "size": 32},
         loader={"size": 32, "classes": 4, "seconds": 0.2, "workers": cores},
+        # Deterministic kernels, as the cuda tests ask for them: stage.json's `runtime` shows
+        # that the worker (not only the command that launched it) runs with them.
         stage_sets=["data.batch_size=8", "data.num_workers=0", "train.epochs=1000",
-                    "train.checkpoint_every_steps=5"],
+                    "train.checkpoint_every_steps=5", "train.deterministic=true"],
         # A stage refuses a budget its start-up would eat (about 5 s of CPU here): 30 s
         # budgets, with step limits so the dry run's CPU stays small.
         stage_size=32, stage_budget=30, resume_budget=30, resume_steps=2, stage_steps=6,
@@ -160,11 +162,15 @@ def run_commands(commands, cap, log, env, on_poll=None):
 
 
 class Check:
+    """Every part writes under `out` (absolute: the parts run from the repository root); a new
+    check starts from an empty work folder, so a second run in the same place works."""
+
     def __init__(self, out, plan, dry, caps_override):
         self.out, self.plan, self.dry = out, plan, dry
         plan.caps.update(caps_override)
         self.work = out / "work"
         self.logs = out / "logs"
+        shutil.rmtree(self.work, ignore_errors=True)
         for folder in (self.work, self.logs):
             folder.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -300,8 +306,10 @@ class Check:
                 report = json.loads((out / "stage.json").read_text())
                 run.update({k: report.get(k) for k in (
                     "seconds_used", "steps_this_stage", "global_step", "samples_per_second",
-                    "seconds_saving", "resumed_from", "done")})
-                run["first_step_seconds"] = (report.get("costs") or {}).get("first_step_seconds")
+                    "resumed_from", "done", "stopped_by", "runtime")})
+                costs = report.get("costs") or {}
+                run["first_step_seconds"] = costs.get("first_step_seconds")
+                run["save_seconds"] = costs.get("save_seconds")
                 run["used"] = round(report["seconds_used"] / budget, 4)
             runs.append(run)
         return runs
@@ -399,6 +407,16 @@ def estimate(rows, plan, env, peak_override):
 
 
 # -- the markdown table ----------------------------------------------------------------------
+def describe_runtime(runtime):
+    """How the stage's worker says it ran (stage.json `runtime`), in a table cell."""
+    if not runtime:
+        return "-"
+    kernels = "deterministic" if runtime["deterministic"] else (
+        "cuDNN autotuned" if runtime["cudnn_benchmark"] else "default kernels")
+    ranks = f", {runtime['world_size']} ranks over {runtime['backend']}" if runtime["world_size"] > 1 else ""
+    return f"{runtime['device']}, {kernels}{ranks}"
+
+
 def fmt(value, spec="", none="-"):
     if value is None:
         return none
@@ -473,15 +491,16 @@ def markdown(result):
         "stage.log; first step: the first optimizer step's latency, from stage.json's costs):")
     add("")
     add("| run | status | budget s | wall s | used | steps | samples/s | saving s "
-        "| checkpoints seen | start-up s | first step s | resumed |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "| checkpoints seen | start-up s | first step s | resumed | stopped by | worker ran |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run in result["stage"]:
         add(f"| {run['run']} | {run['status']} | {run['budget_seconds']} | "
             f"{run['wall_seconds']:.1f} | {fmt(run.get('used'), '.3f')} | "
             f"{fmt(run.get('steps_this_stage'))} | {fmt(run.get('samples_per_second'))} | "
-            f"{fmt(run.get('seconds_saving'))} | {run['checkpoints_seen']} | "
+            f"{fmt(run.get('save_seconds'))} | {run['checkpoints_seen']} | "
             f"{fmt(run.get('startup_seconds'))} | {fmt(run.get('first_step_seconds'))} | "
-            f"{'yes' if run.get('resumed_from') else 'no'} |")
+            f"{'yes' if run.get('resumed_from') else 'no'} | {fmt(run.get('stopped_by'))} | "
+            f"{describe_runtime(run.get('runtime'))} |")
     add("")
     est = result["estimate"]
     add(f"**Estimate** (not a measurement): the `{est['recipe']}` recipe's {est['epochs']} epochs "
@@ -539,6 +558,8 @@ def main():
                    help="this GPU's peak dense fp16 tensor TFLOPS, when its name is not in the "
                         "table")
     args = p.parse_args()
+    # The parts run from the repository root; the output goes where the user asked, from here.
+    args.out = args.out.resolve()
     cores = os.cpu_count() or 1
     plan = dry_plan(cores) if args.dry else gpu_plan(cores, args.stage_budget)
     check = Check(args.out, plan, args.dry, parse_caps(args.cap))

@@ -8,7 +8,7 @@ A cache folder:
   chunks/<experiment>_<plate>.npy|.zlib   one file per plate: its sites' bytes, back to back
   chunks/<experiment>_<plate>.done.json   written after its chunk file: only now is it trusted
   index.csv                               (id_code, site) -> chunk and byte range
-  MANIFEST.json                           written last: format, size, data identity, checksums
+  CACHE.json                              written last: format, size, data identity, checksums
   BUILDING.json                           while a build is unfinished: what it is building
 
 Formats (see BENCHMARKS.md "Input pipeline" for the measurements behind the choice):
@@ -41,7 +41,10 @@ FORMAT_VERSION = 1
 FORMATS = ("raw", "zlib")
 SUFFIX = {"raw": ".npy", "zlib": ".zlib"}
 ZLIB_LEVEL = 1          # level 6 saves ~5% more bytes but encodes 7x slower (synthetic 256 px)
-MANIFEST = "MANIFEST.json"
+# Not MANIFEST.json: that is a checkpoint's, and a kernel searching its inputs tells the two
+# apart by name. Caches built by earlier rcic 0.1.0 named theirs MANIFEST.json (LEGACY_MANIFEST).
+MANIFEST = "CACHE.json"
+LEGACY_MANIFEST = "MANIFEST.json"
 BUILDING = "BUILDING.json"
 INDEX = "index.csv"
 CHUNKS = "chunks"
@@ -322,7 +325,9 @@ def open_cache(folder, data, size, verify=True):
             building = json.loads((folder / BUILDING).read_text())
             state = "its build was interrupted"
         except (OSError, ValueError):
-            building, state = None, "it is not an rcic cache folder"
+            building = None
+            state = ("it was built by an older rcic, which named it " + LEGACY_MANIFEST
+                     if (folder / LEGACY_MANIFEST).is_file() else "it is not an rcic cache folder")
         raise UserError(f"no complete cache in {folder} ({MANIFEST} missing: {state}): "
                         f"{rerun_hint(folder, data, size, building)}") from None
     except (OSError, ValueError) as err:

@@ -47,16 +47,17 @@ def gpu_count():
 
 
 def run_stage(settings, input_root, working):
+    from rcic import stage_report
     from rcic.budget import Budget, parse_duration
     from rcic.config import load_recipe
-    from rcic.data.layout import RxRx1
-    from rcic.stage import launch_distributed, run_stage as train_stage
+    from rcic.launch import Processes, launch_stage
 
+    # The kernel's budget counts from this process's start: Kaggle's clock started before it.
     budget = Budget(parse_duration(settings["budget"]))
     data = find_data_dir(input_root)
     # Resume from the attached outputs of earlier stages (each holds a stage.json), not from all
     # of the input: walking the competition's image tree would list ~500,000 files.
-    previous = [str(report.parent) for report in find_shallow(input_root, "stage.json")]
+    previous = [str(report.parent) for report in find_shallow(input_root, stage_report.REPORT_NAME)]
     recipe_file = None
     if settings.get("recipe_yaml"):
         # The recipe travels inside the script (Kaggle uploads nothing else); the stage writes
@@ -71,24 +72,13 @@ def run_stage(settings, input_root, working):
     cache = local_cache(settings, input_root, data, f"rcic stage {settings['stage']}")
     if cache:   # data.cache is not a training field: the recipe hash, hence resume, holds
         recipe.data.cache = str(cache[0])
-    gpus = gpu_count()
-    if gpus > 1:   # NvidiaTeslaT4 machines have two: one DDP process per GPU, on this clock
-        argv = ["--data", str(data), "--out", str(working), "--budget", settings["budget"],
-                "--steps", str(steps), "--resume-from", *previous]
-        if cache:
-            argv += ["--set", f"data.cache={cache[0]}"]
-        status = launch_distributed(gpus, argv + (["--config", str(recipe_file)]
-                                                  if recipe_file else []), budget.start)
-    else:
-        train_stage(recipe, RxRx1(data), working, budget, previous, steps)
-        status = 0
-    report = working / "stage.json"
-    if report.is_file():
-        r = json.loads(report.read_text())
+    # NvidiaTeslaT4 machines have two GPUs: one DDP process on each.
+    status = launch_stage(recipe, data, working, budget, previous, steps,
+                          processes=Processes(gpus=max(1, gpu_count())))
+    r = stage_report.read(working)
+    if r is not None:
         if cache:   # the expand's time is the stage's too: its report says so
-            from rcic.atomic import write_atomic
-            r["cache"] = cache[1]
-            write_atomic(report, json.dumps(r, indent=1))
+            stage_report.amend(working, {"cache": cache[1]})
         speed = r.get("samples_per_second")
         print(f"rcic stage {settings['stage']}/{settings['stages']}: "
               f"{'recipe finished' if r.get('done') else 'recipe not finished'}, "

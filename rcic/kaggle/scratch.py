@@ -22,15 +22,15 @@ SPARE_FRACTION = 0.05      # free space kept on the scratch disk beyond the expa
 
 
 def attached_caches(manifests, size):
-    """The cache folders among `manifests` (MANIFEST.json paths; checkpoints have them too)
-    that hold images at `size` px."""
+    """The cache folders among `manifests` (paths of cache manifests) that hold images at
+    `size` px."""
     found = []
     for path in manifests:
         try:
             manifest = json.loads(Path(path).read_text())
         except (OSError, ValueError):
             continue
-        if "chunks" in manifest and manifest.get("size") == size:
+        if manifest.get("size") == size:
             found.append(Path(path).parent)
     return found
 

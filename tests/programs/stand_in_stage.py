@@ -1,12 +1,12 @@
-"""Programs that tests/test_deadline.py runs as real processes (no torch: they start fast).
+"""A program that tests/test_deadline.py runs as real processes (no torch: it starts fast).
 
-    python helpers_deadline.py supervise BUDGET OUT BEHAVIOUR
-        rcic.deadline.supervise() over `python helpers_deadline.py child OUT BEHAVIOUR`, as
-        rcic-stage runs a stage; exits with its status (a UserError: one line, exit 2).
-    python helpers_deadline.py child OUT BEHAVIOUR
+    python stand_in_stage.py supervise BUDGET OUT BEHAVIOUR
+        rcic.deadline.supervise() over `python stand_in_stage.py child EVENTS OUT BEHAVIOUR`, as
+        rcic-stage runs a stage's worker; exits with its status (a UserError: one line, exit 2).
+    python stand_in_stage.py child EVENTS OUT BEHAVIOUR
         A stand-in stage. It starts a grandchild in a session of its own (as torchrun starts
-        its ranks) and a forked worker in its process group (as a DataLoader does), writes their
-        pids to OUT/pids, reports phase "step" with a committed checkpoint at step 3, then:
+        its ranks), a forked worker in its process group (as a DataLoader does) and an orphan
+        (a sleeper whose parent exited), writes their pids to OUT/pids, reports phase "step" with a committed checkpoint at step 3, then:
           hang       reports "save" and sleeps forever (a save stuck in the kernel)
           nothing    reports "step" with no committed checkpoint and sleeps forever
           finish     reports "teardown", writes OUT/stage.json itself 0.3 s later, exits 0
@@ -27,7 +27,21 @@ from rcic.errors import cli_main
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(3600)"]
 
 
-def child(out, behaviour):
+def orphaned_sleeper():
+    """A sleeper in a session of its own whose parent has exited, as a daemonising tool leaves
+    one: the supervisor (a subreaper) adopts it, so it is no longer below this process."""
+    read, write = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        sleeper = subprocess.Popen(SLEEPER)
+        os.write(write, str(sleeper.pid).encode())
+        os._exit(0)
+    os.waitpid(middle, 0)
+    return int(os.read(read, 32))
+
+
+def child(events, out, behaviour):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rank = subprocess.Popen(SLEEPER, start_new_session=True)
@@ -35,8 +49,9 @@ def child(out, behaviour):
     if worker == 0:
         time.sleep(3600)
         os._exit(0)
-    (out / "pids").write_text(json.dumps([os.getpid(), rank.pid, worker]))
-    reporter = Reporter()
+    orphan = orphaned_sleeper()
+    (out / "pids").write_text(json.dumps([os.getpid(), rank.pid, worker, orphan]))
+    reporter = Reporter(events)
     committed = {"recipe": "stand-in", "global_step": 3, "checkpoint_step": 3, "total_steps": 10}
     if behaviour == "finish":
         reporter.tell("teardown", committed)
@@ -74,8 +89,8 @@ def child(out, behaviour):
 
 def run_supervised(argv):
     budget_text, out, behaviour = argv
-    cmd = [sys.executable, __file__, "child", out, behaviour]
-    return supervise(cmd, Budget(parse_duration(budget_text)), out, "stand-in")
+    return supervise(lambda events: [sys.executable, __file__, "child", str(events), out, behaviour],
+                     Budget(parse_duration(budget_text)), out, "stand-in")
 
 
 if __name__ == "__main__":
