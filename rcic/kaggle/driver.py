@@ -9,12 +9,23 @@ rerun asks Kaggle where each kernel stands instead of pushing again:
     recorded, failed              reported; pushed again only with --retry
     pushed but not recorded       found by asking Kaggle for the kernel's version
     never pushed                  pushed, once the kernel before it has completed
+
+Kaggle may show a new version some time after the push that made it, so a push Kaggle does not
+show yet is asked about again, VISIBLE_WITHIN_ASKS times a poll apart, before the driver takes
+it as never sent (once is enough for an intent older than SETTLED_SECONDS).
+
+Every kernel after the chain's first is pushed with the docker image the first one ran on, as
+Kaggle reports it (`docker_image` in kernel-metadata.json, recorded in pushes.json as "image"),
+so that the whole chain runs on one image where Kaggle allows it.
 """
 import time
 
 from rcic.errors import UserError
-from rcic.kaggle import chain, client, lock
+from rcic.kaggle import chain, client, lock, metadata
 from rcic.kaggle.record import Record
+
+VISIBLE_WITHIN_ASKS = 5
+SETTLED_SECONDS = 15 * 60
 
 
 class Driver:
@@ -25,6 +36,7 @@ class Driver:
 
     def run(self, retry=False, start_from=None):
         folders = chain.kernel_folders(self.chain_dir)
+        self.first = folders[0]
         if start_from is not None:
             names = [f.name for f in folders]
             if start_from not in names:
@@ -62,20 +74,49 @@ class Driver:
         attempt = self.record.current(name)
         if attempt is None or attempt["version"] is not None:
             return attempt
-        version = client.current_version(self.api, kernel, self.poll_seconds, self.echo,
-                                         self.sleep)
-        if version is not None and (attempt["before"] is None or version > attempt["before"]):
-            self.echo(f"{kernel}: the push sent before the driver stopped reached Kaggle "
-                      f"(version {version})")
-            self.record.update(attempt, version=version, pushed_at=attempt["intent_at"])
-            return attempt
+        recent = time.time() - attempt["intent_at"] < SETTLED_SECONDS
+        for ask in range(VISIBLE_WITHIN_ASKS if recent else 1):
+            if ask:
+                self.sleep(self.poll_seconds)
+            version = client.current_version(self.api, kernel, self.poll_seconds, self.echo,
+                                             self.sleep)
+            if version is not None and (attempt["before"] is None
+                                        or version > attempt["before"]):
+                self.echo(f"{kernel}: the push sent before the driver stopped reached Kaggle "
+                          f"(version {version})")
+                self.record.update(attempt, version=version, pushed_at=attempt["intent_at"])
+                return attempt
         self.record.drop(name)
         return None
 
+    def version_before(self, name, kernel):
+        """The kernel's newest version now: Kaggle's word, or a newer one this folder pushed
+        that Kaggle does not show yet."""
+        shown = client.current_version(self.api, kernel, self.poll_seconds, self.echo,
+                                       self.sleep)
+        known = [a["version"] for a in self.record.attempts(name) if a["version"] is not None]
+        return max(filter(None, [shown, *known]), default=None)
+
+    def pin_image(self, folder):
+        """Give a kernel after the chain's first the image the first one runs on, when Kaggle
+        says which (recorded once, so every later kernel gets the same)."""
+        image = self.record.data.get("image")
+        if image is None:
+            image = client.kernel_image(self.api, chain.kernel_id(self.first), self.poll_seconds,
+                                        self.echo, self.sleep)
+            if image is None:
+                return
+            self.record.data["image"] = image
+            self.record.save()
+        path = folder / metadata.KERNEL_METADATA
+        meta = metadata.read_json(path)
+        if meta.get("docker_image") != image:
+            metadata.write_json(path, {**meta, "docker_image": image})
+
     def push(self, name, folder, kernel):
-        before = client.current_version(self.api, kernel, self.poll_seconds, self.echo,
-                                        self.sleep)
-        attempt = self.record.intend(name, kernel, before)
+        if folder != self.first:
+            self.pin_image(folder)
+        attempt = self.record.intend(name, kernel, self.version_before(name, kernel))
         version, url, problem = client.push(self.api, folder, kernel)
         self.record.update(attempt, version=version, pushed_at=time.time())
         if problem:
