@@ -351,6 +351,103 @@ def test_status_shows_versions_run_times_and_what_the_rest_should_cost(kaggle, c
         "remaining: about 8.40 h of GPU (2 more stage(s) at 41.5 samples/s, 8.40 h each as "
         "measured; the chain has only 1 stage(s) left: render a longer one with rcic-chain "
         "init), plus the submission kernel; fits in the 18.0 h of weekly GPU quota left")
-    # stage.json was fetched once, from the version that completed, and kept.
-    assert (chain_dir / "stage-01" / "output" / "stage.json").is_file()
+    # stage.json was fetched once, from the version that completed, and kept beside it.
+    assert (chain_dir / "stage-01" / "output" / "version-1" / "stage.json").is_file()
     assert [b["versionLabel"] for b in kaggle.stand_in.bodies(OUTPUT)] == ["v1"]
+
+
+# -- Kaggle as it is: late versions, each version's own outputs, one image -------------------
+def test_a_push_kaggle_shows_late_is_found_and_not_sent_again(server, kaggle, cli, chain_dir):
+    # Kaggle shows each new version only 3 requests after its push, and the first push's
+    # answer is lost: the driver stops with an intent it cannot settle yet.
+    kaggle.late = 3
+    lost = []
+
+    def hook(method, phase):
+        if method == SAVE and phase == "applied" and not lost:
+            lost.append(method)
+            return True
+        return False
+    server.hook = hook
+    assert one_line(cli("push", chain_dir, "--poll-seconds", "0.001")).startswith(
+        "cannot reach Kaggle for the push of jdoe/rcic-b0-stage-01")
+    assert record(chain_dir)["kernels"]["stage-01"][0]["version"] is None
+    server.hook = None
+    result = cli("push", chain_dir, "--poll-seconds", "0.001")
+    assert result.returncode == 0, result.stderr
+    # Asked again until Kaggle showed it, then waited for, not pushed a second time.
+    assert "the push sent before the driver stopped reached Kaggle (version 1)" in result.stdout
+    assert pushes(kaggle) == [1, 1, 1]
+    # The later pushes were answered, and their runs were polled until Kaggle showed them.
+    assert "(HTTPError 404): trying again" in result.stdout
+
+
+def test_submit_reads_the_version_that_completed_not_a_newer_one(server, kaggle, cli, pushed):
+    # The submission kernel is pushed again outside rcic (from the web): its newest run wrote
+    # another submission.csv and is still running.
+    kaggle.outputs["rcic-b0-submit"] = {"submission.csv": b"id_code,sirna\nHEPG2-08_1_B03,99\n"}
+    kaggle.runs["rcic-b0-submit"] = ("RUNNING",)
+    kaggle.save({"slug": "jdoe/rcic-b0-submit", "text": "edited on the web"})
+    result = cli("submit", pushed, "--poll-seconds", "0.001")
+    assert result.returncode == 0, result.stderr
+    assert [data for method, data in server.requests if method.startswith("PUT ")] == [SUBMISSION]
+    assert server.bodies(OUTPUT)[-1]["versionLabel"] == "v1"
+
+
+def test_a_stale_submission_of_another_version_is_never_sent(server, kaggle, cli, pushed):
+    # Version 1 wrote no submission.csv; one from an earlier read lies in the output folder.
+    kaggle.versions["rcic-b0-submit"][0]["outputs"] = {}
+    stale = pushed / "submit" / "output" / "version-1" / "submission.csv"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(SUBMISSION)
+    assert one_line(cli("submit", pushed, "--poll-seconds", "0.001")).startswith(
+        "jdoe/rcic-b0-submit version 1 wrote no submission.csv")
+    assert kaggle.submissions == []
+
+
+NEW_IMAGE = "gcr.io/kaggle-gpu-images/python@sha256:2222"
+
+
+def test_later_kernels_are_pushed_with_the_image_the_chain_started_on(server, kaggle, cli,
+                                                                      chain_dir):
+    started_on = kaggle.image
+    # Kaggle moves to a new image just after the first push.
+    server.hook = lambda method, phase: (phase == "replied" and method == SAVE
+                                         and setattr(kaggle, "image", NEW_IMAGE))
+    result = cli("push", chain_dir, "--poll-seconds", "0.001")
+    assert result.returncode == 0, result.stderr
+    saves = server.bodies(SAVE)
+    assert [b.get("dockerImagePinningType") for b in saves] == ["original"] * 3
+    assert "dockerImage" not in saves[0]
+    assert [b["dockerImage"] for b in saves[1:]] == [started_on, started_on]
+    assert [v[0]["image"] for v in kaggle.versions.values()] == [started_on] * 3
+    assert record(chain_dir)["image"] == started_on
+    meta = json.loads((chain_dir / "stage-02" / "kernel-metadata.json").read_text())
+    assert meta["docker_image"] == started_on
+
+
+def manifest(**versions):
+    return json.dumps({"format": 1, "step": 1, "versions": {
+        "python": "3.12.3", "torch": "2.10.0+cu128", "numpy": "2.0.2", "gpu": "Tesla T4",
+        **versions}}).encode()
+
+
+def test_status_shows_the_versions_each_stage_ran_under_and_flags_a_change(kaggle, cli,
+                                                                         chain_dir):
+    report = json.dumps({"seconds_used": 41000, "steps_this_stage": 900,
+                         "samples_per_second": 41.5, "stages_left_estimate": 0}).encode()
+    kaggle.outputs["rcic-b0-stage-01"] = {"stage.json": report,
+                                          "ckpt-000000900/MANIFEST.json": manifest()}
+    kaggle.outputs["rcic-b0-stage-02"] = {
+        "stage.json": report,
+        "ckpt-000001800/MANIFEST.json": manifest(python="3.13.1", torch="2.11.0+cu128")}
+    assert cli("push", chain_dir, "--poll-seconds", "0.001").returncode == 0
+    result = cli("status", chain_dir)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-2] == ("stage-01   ran under python 3.12.3, torch 2.10.0+cu128, numpy 2.0.2, "
+                         "gpu Tesla T4")
+    assert lines[-1] == (
+        "stage-02   ran under python 3.13.1, torch 2.11.0+cu128, numpy 2.0.2, gpu Tesla T4  "
+        "CHANGED since stage-01: python 3.12.3 -> 3.13.1, torch 2.10.0+cu128 -> 2.11.0+cu128 "
+        "(Kaggle's image moved; the resume is exact only under the same versions)")
