@@ -178,8 +178,9 @@ class FakeKaggle:
         versions = self.versions.get(slug, [])
         for version in versions:
             version["hidden"] = max(0, version["hidden"] - 1)
-        shown = [v for v in versions if v["hidden"] == 0]
-        return versions[:versions.index(shown[-1]) + 1] if shown else []
+        # Up to the newest shown one (by position: two versions may be equal dicts).
+        shown = [i for i, v in enumerate(versions) if v["hidden"] == 0]
+        return versions[:shown[-1] + 1] if shown else []
 
     def version(self, body):
         """(number, version) that a request names, or None: a 404 for a bare number, as for
