@@ -28,7 +28,7 @@ MAX_BACKOFF_SECONDS = 30 * 60
 
 
 # The oldest client that has every call rcic makes and reads the version it is asked for:
-# `get_submission` arrived in 2.2.5, and through 2.2.3 `kernels_status` and `kernels_output`
+# `get_submission` arrived in 2.2.5, and through 2.2.4 `kernels_status` and `kernels_output`
 # dropped the N of owner/slug/N, so Kaggle answered for the newest run (docs/rxrx1-and-kaggle.md).
 # setup.py and constraints/kaggle-floor.txt say the same; a test keeps the three equal.
 CLIENT_FLOOR = "2.2.5"
