@@ -1,9 +1,9 @@
 """How long a Kaggle session may run, per machine shape, and the stage budget that fits one.
 
-Kaggle's notebook documentation ("Technical Specifications", read 2026-12-02) gives CPU and GPU
-sessions 12 hours and TPU sessions 9; code competitions set their own cap (often 9 hours), which
-`--session-limit` states. RCIC is a file-upload competition: its kernels get the plain limit.
-A session past its limit is killed without warning and its output is lost.
+Kaggle's notebook documentation ("Technical Specifications", read in the first week of
+2026-12) gives CPU and GPU sessions 12 hours and TPU sessions 9; code competitions set their own
+cap (often 9 hours), which `--session-limit` states. RCIC is a file-upload competition: its
+kernels get the plain limit. A session past its limit is killed without warning, output lost.
 
 A stage's budget is counted from the start of the kernel's Python process, and everything after
 that is paid from it: installing the bundle, expanding the cache, training, and the final
@@ -29,7 +29,8 @@ HOUR = 3600
 # Kaggle's session limits; the source of each is the documentation named above.
 GPU_CPU_LIMIT_SECONDS = 12 * HOUR
 TPU_LIMIT_SECONDS = 9 * HOUR
-LIMIT_SOURCE = "Kaggle's notebook documentation, Technical Specifications (read 2026-12-02)"
+LIMIT_SOURCE = ("Kaggle's notebook documentation, Technical Specifications (read in the first "
+                "week of 2026-12)")
 
 BOOT_SECONDS = 10 * 60
 RESERVE_SECONDS = 15 * 60
