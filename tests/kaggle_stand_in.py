@@ -144,7 +144,8 @@ class FakeKaggle:
         self.versions = {}        # slug -> [{"states", "polls", "text", "outputs", ...}, ...]
         self.outputs = {}         # slug -> {file name: bytes} its next versions write
         self.late = 0             # requests about a kernel before its new version shows
-        self.image = "gcr.io/kaggle-gpu-images/python@sha256:1111"   # Kaggle's image now
+        self.images = {True: "gcr.io/kaggle-gpu-images/python@sha256:1111",   # Kaggle's
+                       False: "gcr.io/kaggle-images/python@sha256:1111"}      # images now
         self.submissions = []     # {"ref", "polls", "token", "description"}
         self.events = []          # ("push", slug, version) and ("state", slug, version, state)
         self.score = ("PENDING", "COMPLETE")
@@ -165,7 +166,7 @@ class FakeKaggle:
         self.versions.setdefault(slug, []).append({
             "states": states, "polls": 0, "text": body["text"], "hidden": self.late,
             "outputs": dict(self.outputs.get(slug, {})),
-            "image": body.get("dockerImage") or self.image,
+            "image": body.get("dockerImage") or self.images[bool(body.get("enableGpu"))],
             "pinning": body.get("dockerImagePinningType")})
         number = len(self.versions[slug])
         self.events.append(("push", slug, number))

@@ -405,15 +405,12 @@ def test_a_stale_submission_of_another_version_is_never_sent(server, kaggle, cli
     assert kaggle.submissions == []
 
 
-NEW_IMAGE = "gcr.io/kaggle-gpu-images/python@sha256:2222"
-
-
 def test_later_kernels_are_pushed_with_the_image_the_chain_started_on(server, kaggle, cli,
                                                                       chain_dir):
-    started_on = kaggle.image
+    started_on = kaggle.images[True]
     # Kaggle moves to a new image just after the first push.
-    server.hook = lambda method, phase: (phase == "replied" and method == SAVE
-                                         and setattr(kaggle, "image", NEW_IMAGE))
+    server.hook = lambda method, phase: (phase == "replied" and method == SAVE and
+                                         kaggle.images.update({True: "gpu@sha256:2222"}))
     result = cli("push", chain_dir, "--poll-seconds", "0.001")
     assert result.returncode == 0, result.stderr
     saves = server.bodies(SAVE)
@@ -421,9 +418,36 @@ def test_later_kernels_are_pushed_with_the_image_the_chain_started_on(server, ka
     assert "dockerImage" not in saves[0]
     assert [b["dockerImage"] for b in saves[1:]] == [started_on, started_on]
     assert [v[0]["image"] for v in kaggle.versions.values()] == [started_on] * 3
-    assert record(chain_dir)["image"] == started_on
+    assert record(chain_dir)["images"] == {"gpu": started_on}
     meta = json.loads((chain_dir / "stage-02" / "kernel-metadata.json").read_text())
     assert meta["docker_image"] == started_on
+
+
+def test_cache_kernels_keep_the_cpu_image_and_stages_the_gpu_one(server, kaggle, cli, tmp_path):
+    from rcic.cli.chain import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: t\ndata:\n  image_size: 24\ntrain:\n  epochs: 1\n")
+    out = tmp_path / "cached"
+    assert main(["init", "--owner", "jdoe", "--prefix", "rcic-b0", "--stages", "2", "--cache",
+                 "24", "--config", str(recipe), "--out", str(out)]) == 0
+    cpu = kaggle.images[False]
+
+    def new_images_after_each_push(method, phase):   # Kaggle's images after push n: "...@n"
+        if phase == "replied" and method == SAVE:
+            n = len(server.bodies(SAVE))
+            kaggle.images.update({True: f"gpu@{n}", False: f"cpu@{n}"})
+    server.hook = new_images_after_each_push
+    result = cli("push", out, "--poll-seconds", "0.001")
+    assert result.returncode == 0, result.stderr
+    pinned = {b["slug"].split("/")[1]: b.get("dockerImage") for b in server.bodies(SAVE)}
+    # stage-01, the first GPU kernel (third push), ran on the GPU image of its day; the GPU
+    # kernels after it follow it, the second cache kernel follows the first.
+    assert pinned == {"rcic-b0-cache-train": None, "rcic-b0-cache-test": cpu,
+                      "rcic-b0-stage-01": None, "rcic-b0-stage-02": "gpu@2",
+                      "rcic-b0-submit": "gpu@2"}
+    assert kaggle.versions["rcic-b0-stage-01"][0]["image"] == "gpu@2"
+    assert record(out)["images"] == {"cpu": cpu, "gpu": "gpu@2"}
 
 
 def manifest(**versions):

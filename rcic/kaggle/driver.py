@@ -14,9 +14,10 @@ Kaggle may show a new version some time after the push that made it, so a push K
 show yet is asked about again, VISIBLE_WITHIN_ASKS times a poll apart, before the driver takes
 it as never sent (once is enough for an intent older than SETTLED_SECONDS).
 
-Every kernel after the chain's first is pushed with the docker image the first one ran on, as
-Kaggle reports it (`docker_image` in kernel-metadata.json, recorded in pushes.json as "image"),
-so that the whole chain runs on one image where Kaggle allows it.
+Every GPU kernel after the chain's first GPU kernel is pushed with the docker image that one
+runs on, as Kaggle reports it (`docker_image` in kernel-metadata.json, recorded in pushes.json
+under "images"), and every CPU kernel (the caches) with the first CPU kernel's: the whole chain
+runs on one image of each kind where Kaggle allows it.
 """
 import time
 
@@ -36,7 +37,7 @@ class Driver:
 
     def run(self, retry=False, start_from=None):
         folders = chain.kernel_folders(self.chain_dir)
-        self.first = folders[0]
+        self.folders = folders
         if start_from is not None:
             names = [f.name for f in folders]
             if start_from not in names:
@@ -98,24 +99,29 @@ class Driver:
         return max(filter(None, [shown, *known]), default=None)
 
     def pin_image(self, folder):
-        """Give a kernel after the chain's first the image the first one runs on, when Kaggle
-        says which (recorded once, so every later kernel gets the same)."""
-        image = self.record.data.get("image")
-        if image is None:
-            image = client.kernel_image(self.api, chain.kernel_id(self.first), self.poll_seconds,
+        """Give a kernel the image the chain's first kernel of its kind (GPU or CPU) runs on,
+        when Kaggle says which (recorded once, so every later kernel gets the same)."""
+        path = folder / metadata.KERNEL_METADATA
+        meta = metadata.read_json(path)
+        kind = "gpu" if meta["enable_gpu"] else "cpu"
+        first = next(f for f in self.folders
+                     if metadata.read_json(f / metadata.KERNEL_METADATA)["enable_gpu"]
+                     == meta["enable_gpu"])
+        if first == folder:
+            return
+        images = self.record.data.setdefault("images", {})
+        if kind not in images:
+            image = client.kernel_image(self.api, chain.kernel_id(first), self.poll_seconds,
                                         self.echo, self.sleep)
             if image is None:
                 return
-            self.record.data["image"] = image
+            images[kind] = image
             self.record.save()
-        path = folder / metadata.KERNEL_METADATA
-        meta = metadata.read_json(path)
-        if meta.get("docker_image") != image:
-            metadata.write_json(path, {**meta, "docker_image": image})
+        if meta.get("docker_image") != images[kind]:
+            metadata.write_json(path, {**meta, "docker_image": images[kind]})
 
     def push(self, name, folder, kernel):
-        if folder != self.first:
-            self.pin_image(folder)
+        self.pin_image(folder)
         attempt = self.record.intend(name, kernel, self.version_before(name, kernel))
         version, url, problem = client.push(self.api, folder, kernel)
         self.record.update(attempt, version=version, pushed_at=time.time())
