@@ -475,3 +475,23 @@ def test_status_shows_the_versions_each_stage_ran_under_and_flags_a_change(kaggl
         "stage-02   ran under python 3.13.1, torch 2.11.0+cu128, numpy 2.0.2, gpu Tesla T4  "
         "CHANGED since stage-01: python 3.12.3 -> 3.13.1, torch 2.10.0+cu128 -> 2.11.0+cu128 "
         "(Kaggle's image moved; the resume is exact only under the same versions)")
+
+
+def test_a_version_kaggle_lists_late_is_not_taken_for_the_push_that_followed(server, kaggle,
+                                                                            cli, chain_dir):
+    assert cli("push", chain_dir, "--poll-seconds", "0.001").returncode == 0
+    # Kaggle's list of stage-02's versions lags: version 1 (complete) is not shown when the
+    # driver notes the version before pushing again, and the new push's answer is lost.
+    kaggle.versions["rcic-b0-stage-02"][0]["hidden"] = 2
+    kaggle.late = 4
+    server.hook = lambda method, phase: method == SAVE and phase == "applied"
+    assert one_line(cli("push", chain_dir, "--from", "stage-02", "--poll-seconds",
+                        "0.001")).startswith("cannot reach Kaggle for the push")
+    server.hook = None
+    result = cli("push", chain_dir, "--poll-seconds", "0.001")
+    assert result.returncode == 0, result.stderr
+    # Version 1 showing up first is not the new push: the driver waits for version 2.
+    assert "reached Kaggle (version 2)" in result.stdout
+    attempts = record(chain_dir)["kernels"]["stage-02"]
+    assert [(a["version"], a["state"]) for a in attempts] == [(1, "complete"), (2, "complete")]
+    assert pushes(kaggle) == [1, 2, 2]
