@@ -78,6 +78,7 @@ def test_a_driver_killed_at_any_moment_and_restarted_runs_each_kernel_once(serve
                                                                            tmp_path, chain_dir):
     rng = random.Random(16)
     kaggle.run = ("QUEUED", "RUNNING", "RUNNING", "COMPLETE")
+    kaggle.late = 2          # and Kaggle shows each new version two requests after its push
     # First the moments around a push (its answer lost, never sent, answered and then killed
     # before or while it is written down), then a poll at a random moment, then wherever the
     # dice fall: the n-th request of a run. (Each run is a new interpreter: a second or more.)
