@@ -93,7 +93,6 @@ def cmd_status(args):
 
 def cmd_output(args):
     from rcic.kaggle import client
-
     from rcic.kaggle.record import Record
 
     folders = chain.kernel_folders(args.dir)

@@ -57,9 +57,21 @@ def require_client():
 def connect():
     """An authenticated KaggleApi, or a UserError saying how to give it credentials."""
     require_client()
-    # Importing kaggle tries to authenticate and, without credentials, prints a page of help.
+    api, refused = authenticate()
+    if refused:
+        raise UserError(f"Kaggle refused the API token in {refused} (expired or revoked?): give "
+                        f"{WAYS}, and remove the refused token")
+    if api is None:
+        raise UserError(f"no Kaggle credentials: give {WAYS}")
+    return api
+
+
+def authenticate():
+    """(the KaggleApi, or None when it found no credentials it could use; where the API token
+    Kaggle refused is, or None)."""
     import requests
 
+    # Importing kaggle tries to authenticate and, without credentials, prints a page of help.
     with contextlib.redirect_stdout(io.StringIO()):
         from kaggle.api.kaggle_api_extended import AuthMethod, KaggleApi
         from kagglesdk import get_access_token_from_env
@@ -76,13 +88,9 @@ def connect():
             api = None
     # The client asks Kaggle whom a token belongs to; a refused one (expired, revoked) it skips
     # without a word, and its HTTP layer would still send it with every call.
-    if token and (api is None or api.config_values.get(api.CONFIG_NAME_AUTH_METHOD)
-                  != str(AuthMethod.ACCESS_TOKEN)):
-        raise UserError(f"Kaggle refused the API token in {TOKEN_PLACES.get(source, source)} "
-                        f"(expired or revoked?): give {WAYS}, and remove the refused token")
-    if api is None:
-        raise UserError(f"no Kaggle credentials: give {WAYS}")
-    return api
+    by_token = api is not None and (api.config_values.get(api.CONFIG_NAME_AUTH_METHOD)
+                                    == str(AuthMethod.ACCESS_TOKEN))
+    return api, (TOKEN_PLACES.get(source, source) if token and not by_token else None)
 
 
 @contextlib.contextmanager
