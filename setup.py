@@ -36,12 +36,14 @@ setup(
         "PyYAML>=6.0.1",
     ],
     extras_require={
-        # The kaggle client is only needed by `rcic-chain push/status/output`;
-        # kaggle 2.2.x imports six without declaring it.
-        "kaggle": ["kaggle>=2.2,<3", "six"],
+        # The kaggle client is only needed by `rcic-chain push/status/submit/output`; 2.2.5 is
+        # the first with every call rcic makes and that reads the version it is asked for
+        # (constraints/kaggle-floor.txt, which CI's floor environment installs). kaggle 2.2.x
+        # imports six without declaring it.
+        "kaggle": ["kaggle>=2.2.5,<3", "six"],
         "timm": ["timm>=0.9"],
         # pytest-xdist: the suite runs on two workers (`pytest -n 2`), one a core.
-        "test": ["pytest>=7", "pytest-xdist>=3.2", "kaggle>=2.2,<3", "six"],
+        "test": ["pytest>=7", "pytest-xdist>=3.2", "kaggle>=2.2.5,<3", "six"],
     },
     entry_points={
         "console_scripts": [

@@ -10,9 +10,19 @@ called before a request is handled ("before"), after its handler ran but before 
 ("applied"), and after the answer ("replied"): a test kills the client there, at a chosen moment.
 `FakeKaggle` installs handlers that keep kernels, their versions and the runs' states, counts
 pushes, and scores submissions.
+
+Where the real Kaggle is less kind, so is the stand-in:
+- a version is named `v<N>` (`versionLabel`); a bare number is a 404, as the client's own
+  docstring says of the real API, and without a label the answer is for the newest version;
+- `FakeKaggle.late`: a new version is shown that many requests about its kernel after the push;
+- each version serves its own outputs (those in `FakeKaggle.outputs` when it was pushed);
+- an API token must pass `security.OAuthService/IntrospectToken` (`StandIn.tokens`), and a
+  request carrying a token Kaggle does not know is a 401; the legacy key (HTTP basic) passes.
 """
+import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -29,6 +39,8 @@ COMPETITIONS = "competitions.CompetitionApiService/"
 START_UPLOAD = COMPETITIONS + "StartSubmissionUpload"
 CREATE_SUBMISSION = COMPETITIONS + "CreateSubmission"
 GET_SUBMISSION = COMPETITIONS + "GetSubmission"
+INTROSPECT = "security.OAuthService/IntrospectToken"
+VERSION_LABEL = re.compile(r"v(\d+)")
 
 
 class StandIn:
@@ -36,6 +48,8 @@ class StandIn:
 
     def __init__(self):
         self.requests = []              # (method, body) in arrival order
+        self.users = []                 # (method, who sent it: "token:T", "key:USER" or None)
+        self.tokens = {}                # API token -> user name, for the active tokens
         self.handlers = {}              # "Service/Method" -> f(body) -> (http code, json)
         self.files = {}                 # path -> bytes, served on GET (output downloads)
         self.hook = None                # f(method, phase) -> True to close without answering
@@ -55,12 +69,25 @@ class StandIn:
                 self.wfile.write(data)
                 self.wfile.flush()
 
+            def sender(self):
+                kind, _, value = (self.headers.get("Authorization") or "").partition(" ")
+                if kind == "Bearer":
+                    return f"token:{value}"
+                if kind == "Basic":
+                    return "key:" + base64.b64decode(value).decode().partition(":")[0]
+                return None
+
             def serve(self, method, body, answer):
                 with stand_in.lock:
                     stand_in.requests.append((method, body))
+                    who = self.sender()
+                    stand_in.users.append((method, who))
                     if stand_in.hook and stand_in.hook(method, "before"):
                         return
-                    code, payload, *kind = answer()
+                    refused = (method != INTROSPECT and who and who.startswith("token:")
+                               and who[len("token:"):] not in stand_in.tokens)
+                    code, payload, *kind = ((401, {"code": 401, "message": "Unauthenticated"})
+                                            if refused else answer())
                     if stand_in.hook and stand_in.hook(method, "applied"):
                         return
                 self.reply(code, payload, *kind)
@@ -88,6 +115,9 @@ class StandIn:
                 data = self.rfile.read(length)
                 self.serve("PUT " + path, data, lambda: (200, {}))
 
+        self.handlers[INTROSPECT] = lambda body: (200, (
+            {"active": True, "username": self.tokens[body["token"]]}
+            if body.get("token") in self.tokens else {"active": False}))
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
@@ -111,8 +141,11 @@ class FakeKaggle:
     def __init__(self, stand_in, run=("QUEUED", "RUNNING", "COMPLETE")):
         self.stand_in, self.run = stand_in, run
         self.runs = {}            # slug -> the states its next run steps through
-        self.versions = {}        # slug -> [{"states": [...], "polls": n}, ...]
-        self.outputs = {}         # slug -> {file name: bytes}
+        self.versions = {}        # slug -> [{"states", "polls", "text", "outputs", ...}, ...]
+        self.outputs = {}         # slug -> {file name: bytes} its next versions write
+        self.late = 0             # requests about a kernel before its new version shows
+        self.images = {True: "gcr.io/kaggle-gpu-images/python@sha256:1111",   # Kaggle's
+                       False: "gcr.io/kaggle-images/python@sha256:1111"}      # images now
         self.submissions = []     # {"ref", "polls", "token", "description"}
         self.events = []          # ("push", slug, version) and ("state", slug, version, state)
         self.score = ("PENDING", "COMPLETE")
@@ -130,50 +163,73 @@ class FakeKaggle:
     def save(self, body):
         slug = body["slug"].split("/")[-1]
         states = list(self.runs.get(slug, self.run))
-        self.versions.setdefault(slug, []).append({"states": states, "polls": 0,
-                                                   "text": body["text"]})
+        self.versions.setdefault(slug, []).append({
+            "states": states, "polls": 0, "text": body["text"], "hidden": self.late,
+            "outputs": dict(self.outputs.get(slug, {})),
+            "image": body.get("dockerImage") or self.images[bool(body.get("enableGpu"))],
+            "pinning": body.get("dockerImagePinningType")})
         number = len(self.versions[slug])
         self.events.append(("push", slug, number))
         return 200, {"ref": f"/code/jdoe/{slug}", "url": f"http://localhost/code/jdoe/{slug}",
                      "versionNumber": number}
 
+    def visible(self, slug):
+        """The versions Kaggle shows now; each request about the kernel brings a late one
+        closer to being shown."""
+        versions = self.versions.get(slug, [])
+        for version in versions:
+            version["hidden"] = max(0, version["hidden"] - 1)
+        # Up to the newest shown one (by position: two versions may be equal dicts).
+        shown = [i for i, v in enumerate(versions) if v["hidden"] == 0]
+        return versions[:shown[-1] + 1] if shown else []
+
     def version(self, body):
-        versions = self.versions.get(body["kernelSlug"], [])
+        """(number, version) that a request names, or None: a 404 for a bare number, as for
+        a version not shown (yet)."""
+        versions = self.visible(body["kernelSlug"])
         label = body.get("versionLabel")
-        index = int(label.lstrip("v")) - 1 if label else len(versions) - 1
-        return versions[index] if 0 <= index < len(versions) else None
+        if not label:
+            return (len(versions), versions[-1]) if versions else None
+        match = VERSION_LABEL.fullmatch(label)
+        number = int(match[1]) if match else 0
+        return (number, versions[number - 1]) if 0 < number <= len(versions) else None
 
     def state(self, version):
         return version["states"][min(version["polls"], len(version["states"]) - 1)]
 
     def status(self, body):
-        version = self.version(body)
-        if version is None:
+        found = self.version(body)
+        if found is None:
             return 404, {"code": 404, "message": "Notebook not found"}
+        number, version = found
         state = self.state(version)
         version["polls"] += 1
-        number = self.versions[body["kernelSlug"]].index(version) + 1
         self.events.append(("state", body["kernelSlug"], number,
                             state["status"] if isinstance(state, dict) else state))
         payload = state if isinstance(state, dict) else {"status": state}
         return 200, payload
 
     def get_kernel(self, body):
-        versions = self.versions.get(body["kernelSlug"])
+        versions = self.visible(body["kernelSlug"])
         if not versions:
             return 404, {"code": 404, "message": "Notebook not found"}
         return 200, {"metadata": {"ref": f"jdoe/{body['kernelSlug']}",
                                   "slug": body["kernelSlug"],
-                                  "currentVersionNumber": len(versions)},
+                                  "currentVersionNumber": len(versions),
+                                  "dockerImage": versions[-1]["image"]},
                      "blob": {"source": versions[-1]["text"]}}
 
     def output(self, body):
-        files = self.outputs.get(body["kernelSlug"], {})
-        for name, data in files.items():
-            self.stand_in.files[f"/files/{body['kernelSlug']}/{name}"] = data
-        return 200, {"files": [{"url": f"http://localhost/files/{body['kernelSlug']}/{name}",
-                                "fileName": name} for name in files],
-                     "log": f"log of {body['kernelSlug']}"}
+        found = self.version(body)
+        if found is None:
+            return 404, {"code": 404, "message": "Notebook not found"}
+        number, version = found
+        base = f"/files/{body['kernelSlug']}/{number}"
+        for name, data in version["outputs"].items():
+            self.stand_in.files[f"{base}/{name}"] = data
+        return 200, {"files": [{"url": f"http://localhost{base}/{name}", "fileName": name}
+                               for name in version["outputs"]],
+                     "log": f"log of {body['kernelSlug']} version {number}"}
 
     def start_upload(self, body):
         token = f"upload-{len(self.submissions)}-{body['fileName']}"
@@ -200,8 +256,9 @@ class FakeKaggle:
         return 200, answer
 
 
-def kaggle_env(stand_in, tmp_path, credentials=True):
-    """The environment that points the real client at the stand-in."""
+def kaggle_env(stand_in, tmp_path, credentials=True, token=None):
+    """The environment that points the real client at the stand-in: with the legacy key
+    (`credentials`), and/or an API token in KAGGLE_API_TOKEN."""
     env = {k: v for k, v in os.environ.items()
            if k.upper() not in ("NO_PROXY", "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN")}
     proxy = f"http://127.0.0.1:{stand_in.port}"
@@ -211,6 +268,8 @@ def kaggle_env(stand_in, tmp_path, credentials=True):
                KAGGLE_CONFIG_DIR=str(config), HOME=str(tmp_path))
     if credentials:
         env.update(KAGGLE_USERNAME="jdoe", KAGGLE_KEY="not-a-real-key")
+    if token:
+        env.update(KAGGLE_API_TOKEN=token)
     return env
 
 

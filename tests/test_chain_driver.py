@@ -78,6 +78,7 @@ def test_a_driver_killed_at_any_moment_and_restarted_runs_each_kernel_once(serve
                                                                            tmp_path, chain_dir):
     rng = random.Random(16)
     kaggle.run = ("QUEUED", "RUNNING", "RUNNING", "COMPLETE")
+    kaggle.late = 2          # and Kaggle shows each new version two requests after its push
     # First the moments around a push (its answer lost, never sent, answered and then killed
     # before or while it is written down), then a poll at a random moment, then wherever the
     # dice fall: the n-th request of a run. (Each run is a new interpreter: a second or more.)
@@ -351,6 +352,147 @@ def test_status_shows_versions_run_times_and_what_the_rest_should_cost(kaggle, c
         "remaining: about 8.40 h of GPU (2 more stage(s) at 41.5 samples/s, 8.40 h each as "
         "measured; the chain has only 1 stage(s) left: render a longer one with rcic-chain "
         "init), plus the submission kernel; fits in the 18.0 h of weekly GPU quota left")
-    # stage.json was fetched once, from the version that completed, and kept.
-    assert (chain_dir / "stage-01" / "output" / "stage.json").is_file()
+    # stage.json was fetched once, from the version that completed, and kept beside it.
+    assert (chain_dir / "stage-01" / "output" / "version-1" / "stage.json").is_file()
     assert [b["versionLabel"] for b in kaggle.stand_in.bodies(OUTPUT)] == ["v1"]
+
+
+# -- Kaggle as it is: late versions, each version's own outputs, one image -------------------
+def test_a_push_kaggle_shows_late_is_found_and_not_sent_again(server, kaggle, cli, chain_dir):
+    # Kaggle shows each new version only 3 requests after its push, and the first push's
+    # answer is lost: the driver stops with an intent it cannot settle yet.
+    kaggle.late = 3
+    lost = []
+
+    def hook(method, phase):
+        if method == SAVE and phase == "applied" and not lost:
+            lost.append(method)
+            return True
+        return False
+    server.hook = hook
+    assert one_line(cli("push", chain_dir, "--poll-seconds", "0.001")).startswith(
+        "cannot reach Kaggle for the push of jdoe/rcic-b0-stage-01")
+    assert record(chain_dir)["kernels"]["stage-01"][0]["version"] is None
+    server.hook = None
+    result = cli("push", chain_dir, "--poll-seconds", "0.001")
+    assert result.returncode == 0, result.stderr
+    # Asked again until Kaggle showed it, then waited for, not pushed a second time.
+    assert "the push sent before the driver stopped reached Kaggle (version 1)" in result.stdout
+    assert pushes(kaggle) == [1, 1, 1]
+    # The later pushes were answered, and their runs were polled until Kaggle showed them.
+    assert "(HTTPError 404): trying again" in result.stdout
+
+
+def test_submit_reads_the_version_that_completed_not_a_newer_one(server, kaggle, cli, pushed):
+    # The submission kernel is pushed again outside rcic (from the web): its newest run wrote
+    # another submission.csv and is still running.
+    kaggle.outputs["rcic-b0-submit"] = {"submission.csv": b"id_code,sirna\nHEPG2-08_1_B03,99\n"}
+    kaggle.runs["rcic-b0-submit"] = ("RUNNING",)
+    kaggle.save({"slug": "jdoe/rcic-b0-submit", "text": "edited on the web"})
+    result = cli("submit", pushed, "--poll-seconds", "0.001")
+    assert result.returncode == 0, result.stderr
+    assert [data for method, data in server.requests if method.startswith("PUT ")] == [SUBMISSION]
+    assert server.bodies(OUTPUT)[-1]["versionLabel"] == "v1"
+
+
+def test_a_stale_submission_of_another_version_is_never_sent(server, kaggle, cli, pushed):
+    # Version 1 wrote no submission.csv; one from an earlier read lies in the output folder.
+    kaggle.versions["rcic-b0-submit"][0]["outputs"] = {}
+    stale = pushed / "submit" / "output" / "version-1" / "submission.csv"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(SUBMISSION)
+    assert one_line(cli("submit", pushed, "--poll-seconds", "0.001")).startswith(
+        "jdoe/rcic-b0-submit version 1 wrote no submission.csv")
+    assert kaggle.submissions == []
+
+
+def test_later_kernels_are_pushed_with_the_image_the_chain_started_on(server, kaggle, cli,
+                                                                      chain_dir):
+    started_on = kaggle.images[True]
+    # Kaggle moves to a new image just after the first push.
+    server.hook = lambda method, phase: (phase == "replied" and method == SAVE and
+                                         kaggle.images.update({True: "gpu@sha256:2222"}))
+    result = cli("push", chain_dir, "--poll-seconds", "0.001")
+    assert result.returncode == 0, result.stderr
+    saves = server.bodies(SAVE)
+    assert [b.get("dockerImagePinningType") for b in saves] == ["original"] * 3
+    assert "dockerImage" not in saves[0]
+    assert [b["dockerImage"] for b in saves[1:]] == [started_on, started_on]
+    assert [v[0]["image"] for v in kaggle.versions.values()] == [started_on] * 3
+    assert record(chain_dir)["images"] == {"gpu": started_on}
+    meta = json.loads((chain_dir / "stage-02" / "kernel-metadata.json").read_text())
+    assert meta["docker_image"] == started_on
+
+
+def test_cache_kernels_keep_the_cpu_image_and_stages_the_gpu_one(server, kaggle, cli, tmp_path):
+    from rcic.cli.chain import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: t\ndata:\n  image_size: 24\ntrain:\n  epochs: 1\n")
+    out = tmp_path / "cached"
+    assert main(["init", "--owner", "jdoe", "--prefix", "rcic-b0", "--stages", "2", "--cache",
+                 "24", "--config", str(recipe), "--out", str(out)]) == 0
+    cpu = kaggle.images[False]
+
+    def new_images_after_each_push(method, phase):   # Kaggle's images after push n: "...@n"
+        if phase == "replied" and method == SAVE:
+            n = len(server.bodies(SAVE))
+            kaggle.images.update({True: f"gpu@{n}", False: f"cpu@{n}"})
+    server.hook = new_images_after_each_push
+    result = cli("push", out, "--poll-seconds", "0.001")
+    assert result.returncode == 0, result.stderr
+    pinned = {b["slug"].split("/")[1]: b.get("dockerImage") for b in server.bodies(SAVE)}
+    # stage-01, the first GPU kernel (third push), ran on the GPU image of its day; the GPU
+    # kernels after it follow it, the second cache kernel follows the first.
+    assert pinned == {"rcic-b0-cache-train": None, "rcic-b0-cache-test": cpu,
+                      "rcic-b0-stage-01": None, "rcic-b0-stage-02": "gpu@2",
+                      "rcic-b0-submit": "gpu@2"}
+    assert kaggle.versions["rcic-b0-stage-01"][0]["image"] == "gpu@2"
+    assert record(out)["images"] == {"cpu": cpu, "gpu": "gpu@2"}
+
+
+def manifest(**versions):
+    return json.dumps({"format": 1, "step": 1, "versions": {
+        "python": "3.12.3", "torch": "2.10.0+cu128", "numpy": "2.0.2", "gpu": "Tesla T4",
+        **versions}}).encode()
+
+
+def test_status_shows_the_versions_each_stage_ran_under_and_flags_a_change(kaggle, cli,
+                                                                         chain_dir):
+    report = json.dumps({"seconds_used": 41000, "steps_this_stage": 900,
+                         "samples_per_second": 41.5, "stages_left_estimate": 0}).encode()
+    kaggle.outputs["rcic-b0-stage-01"] = {"stage.json": report,
+                                          "ckpt-000000900/MANIFEST.json": manifest()}
+    kaggle.outputs["rcic-b0-stage-02"] = {
+        "stage.json": report,
+        "ckpt-000001800/MANIFEST.json": manifest(python="3.13.1", torch="2.11.0+cu128")}
+    assert cli("push", chain_dir, "--poll-seconds", "0.001").returncode == 0
+    result = cli("status", chain_dir)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-2] == ("stage-01   ran under python 3.12.3, torch 2.10.0+cu128, numpy 2.0.2, "
+                         "gpu Tesla T4")
+    assert lines[-1] == (
+        "stage-02   ran under python 3.13.1, torch 2.11.0+cu128, numpy 2.0.2, gpu Tesla T4  "
+        "CHANGED since stage-01: python 3.12.3 -> 3.13.1, torch 2.10.0+cu128 -> 2.11.0+cu128 "
+        "(Kaggle's image moved; the resume is exact only under the same versions)")
+
+
+def test_a_version_kaggle_lists_late_is_not_taken_for_the_push_that_followed(server, kaggle,
+                                                                            cli, chain_dir):
+    assert cli("push", chain_dir, "--poll-seconds", "0.001").returncode == 0
+    # Kaggle's list of stage-02's versions lags: version 1 (complete) is not shown when the
+    # driver notes the version before pushing again, and the new push's answer is lost.
+    kaggle.versions["rcic-b0-stage-02"][0]["hidden"] = 2
+    kaggle.late = 4
+    server.hook = lambda method, phase: method == SAVE and phase == "applied"
+    assert one_line(cli("push", chain_dir, "--from", "stage-02", "--poll-seconds",
+                        "0.001")).startswith("cannot reach Kaggle for the push")
+    server.hook = None
+    result = cli("push", chain_dir, "--poll-seconds", "0.001")
+    assert result.returncode == 0, result.stderr
+    # Version 1 showing up first is not the new push: the driver waits for version 2.
+    assert "reached Kaggle (version 2)" in result.stdout
+    attempts = record(chain_dir)["kernels"]["stage-02"]
+    assert [(a["version"], a["state"]) for a in attempts] == [(1, "complete"), (2, "complete")]
+    assert pushes(kaggle) == [1, 2, 2]

@@ -2,13 +2,14 @@
 bad input is one line and exit 2; inputs are found by searching; plan's arithmetic."""
 import ast
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from slugify import slugify
 
+from rcic.budget import parse_duration
 from rcic.cli.chain import main
 from rcic.config import load_recipe
 from rcic.errors import UserError
@@ -56,8 +57,10 @@ def test_rendered_chain_follows_kaggle_rules(tmp_path, recipe):
         assert (folder / meta["code_file"]).is_file()
         owner, slug = meta["id"].split("/")
         assert owner == "jdoe" and len(slug) >= 5 and len(meta["title"]) >= 5
-        # Kaggle warns when a title does not slugify to the id.
-        assert re.sub(r"[^a-z0-9]+", "-", meta["title"].lower()) == slug
+        # The client warns when a title does not slugify to the id (its own python-slugify).
+        assert slugify(meta["title"]) == slug
+        # Re-pushes keep the kernel's first image (the client forwards this field).
+        assert meta["docker_image_pinning_type"] == "original"
         assert meta["dataset_sources"] == ["jdoe/rcic-package"]
         assert meta["competition_sources"] == ["recursion-cellular-image-classification"]
         assert meta["machine_shape"] == "NvidiaTeslaT4"
@@ -86,9 +89,45 @@ def test_scripts_carry_their_settings_and_nothing_else_changes(tmp_path, recipe)
     assert settings_of(out / "submit" / "submit_kernel.py")["kind"] == "submit"
 
 
-def test_default_budget_fits_a_nine_hour_kernel():
-    from rcic.budget import parse_duration
-    assert 8 * 3600 <= parse_duration(chain.DEFAULT_BUDGET) < chain.KAGGLE_LIMIT_SECONDS
+def budgets(out):
+    return {settings_of(out / f"stage-{k:02d}" / "stage_kernel.py")["budget"] for k in (1, 2, 3)}
+
+
+def test_the_default_budget_fills_a_twelve_hour_t4_session(tmp_path, recipe, capsys):
+    status, out = init(tmp_path / "t4", recipe)
+    assert status == 0
+    (budget,) = budgets(out)
+    assert 11 * 3600 <= parse_duration(budget) <= 11.5 * 3600
+    rendered = json.loads((out / "chain.json").read_text())
+    assert rendered["budget"] == budget and rendered["session_limit"] == 12 * 3600
+    assert "Technical Specifications" in rendered["session_limit_source"]
+    assert f"a budget of {budget} in a session of at most 12h" in capsys.readouterr().out
+    # A TPU session, or a competition's own limit, is 9 hours: the default follows it.
+    for extra in (["--machine-shape", "TpuV5E8"], ["--session-limit", "9h"]):
+        status, out = init(tmp_path / extra[0].strip("-"), recipe, *extra)
+        assert status == 0
+        (budget,) = budgets(out)
+        assert 8 * 3600 <= parse_duration(budget) < 9 * 3600
+
+
+def test_a_budget_up_to_the_room_in_the_session_is_accepted(tmp_path, recipe):
+    status, out = init(tmp_path, recipe, "--budget", "11h30m")
+    assert status == 0 and budgets(out) == {"11h30m"}
+
+
+@pytest.mark.parametrize("prefix", ["rcic--b0", "rcic-b0-"])
+def test_a_prefix_whose_titles_slugify_to_another_id_is_refused(tmp_path, recipe, capsys,
+                                                                 prefix):
+    argv = ["init", "--owner", "jdoe", "--prefix", prefix, "--stages", "1",
+            "--config", str(recipe), "--out", str(tmp_path / "chain")]
+    assert main(argv) == 2
+    made = slugify(f"{prefix} stage 01")
+    assert capsys.readouterr().err.strip() == (
+        f"rcic-chain: error: --prefix {prefix!r}: Kaggle makes the title '{prefix} stage 01' "
+        f"into the slug {made!r}, not the kernel's id '{prefix}-stage-01', and would not find "
+        f"the kernel by its id: use single hyphens between letters and digits, e.g. --prefix "
+        f"rcic-b0")
+    assert not (tmp_path / "chain").exists()
 
 
 @pytest.mark.parametrize("change, fragment", [
@@ -96,7 +135,9 @@ def test_default_budget_fits_a_nine_hour_kernel():
     (["--prefix", "Bad_Slug"], "not a Kaggle slug"),
     (["--stages", "0"], "at least 1 stage"),
     (["--budget", "3600"], "not a duration"),
-    (["--budget", "10h"], "9-hour limit"),
+    (["--budget", "12h30m"], "--budget 12h30m does not fit a 12h session (Kaggle's 12-hour "
+                             "GPU sessions)"),
+    (["--session-limit", "9x"], "not a duration"),
     (["--config", "missing.yaml"], "does not exist"),
     (["--owner", "a/b"], "not a Kaggle user name"),
 ])
@@ -130,7 +171,8 @@ def test_metadata_checker_names_each_broken_rule(tmp_path):
     broken = [({"id": "jdoe/abc"}, "shorter than 5"), ({"title": "abc"}, "title"),
               ({"code_file": "missing.py"}, "code_file"), ({"language": "r"}, "language"),
               ({"kernel_type": "app"}, "kernel_type"), ({"enable_gpu": "true"}, "boolean"),
-              ({"kernel_sources": ["nobody"]}, "kernel_sources")]
+              ({"kernel_sources": ["nobody"]}, "kernel_sources"),
+              ({"title": "rcic-b0 stage 1"}, "becomes the slug 'rcic-b0-stage-1'")]
     for change, fragment in broken:
         problems = metadata.kernel_problems({**good, **change}, tmp_path)
         assert len(problems) == 1 and fragment in problems[0], (change, problems)

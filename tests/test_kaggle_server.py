@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from rcic.budget import parse_duration
+from rcic.kaggle.plan import hours
+
 pytest.importorskip("kaggle")
 
 from kaggle_stand_in import (GET_KERNEL, OUTPUT, SAVE, STATUS, StandIn, kaggle_env,  # noqa: E402
@@ -163,7 +166,8 @@ def test_status_lists_every_kernel(server, cli, tmp_path, chain_dir):
     assert "jdoe/rcic-b0-stage-02  version -  error" in lines[1] and "killed at 9h" in lines[1]
     assert "jdoe/rcic-b0-submit  version -  unknown" in lines[2] and "HTTP 404" in lines[2]
     assert all("not pushed from this folder" in line for line in lines[:3])
-    assert "at most 2 stage(s) x the 8.50 h budget" in result.stdout
+    budget = parse_duration(json.loads((chain_dir / "chain.json").read_text())["budget"])
+    assert f"at most 2 stage(s) x the {hours(budget)} budget" in result.stdout
 
 
 def test_output_downloads_files_and_log_beside_each_kernel(server, cli, tmp_path, chain_dir):
@@ -223,3 +227,21 @@ def test_publish_bundle_creates_the_dataset_then_adds_versions(server, cli, tmp_
     result = cli("publish-bundle", bundle)
     assert result.returncode == 2
     assert "Kaggle rejected dataset jdoe/rcic-package: Dataset is being processed" in result.stderr
+
+
+def test_the_stand_in_refuses_a_bare_version_number_as_kaggle_does(server):
+    import requests
+
+    from kaggle_stand_in import FakeKaggle
+
+    kaggle = FakeKaggle(server, run=("COMPLETE",))
+    for _ in range(2):
+        kaggle.save({"slug": "jdoe/rcic-b0-stage-01", "text": ""})
+
+    def status(**label):
+        return requests.post(f"http://127.0.0.1:{server.port}/api/v1/{STATUS}", json={
+            "userName": "jdoe", "kernelSlug": "rcic-b0-stage-01", **label}).status_code
+    assert status(versionLabel="1") == 404
+    assert status(versionLabel="v1") == status(versionLabel="v2") == status() == 200
+    assert status(versionLabel="v3") == 404
+    assert [e[2] for e in kaggle.events if e[0] == "state"] == [1, 2, 2]

@@ -10,7 +10,8 @@
   publish-bundle  upload the bundle folder (tools/build_bundle.py) as a Kaggle dataset
   local           run the whole chain on this machine, as Kaggle would
 
-push, submit, status, output and publish-bundle need Kaggle credentials (~/.kaggle/kaggle.json or
+push, submit, status, output and publish-bundle need Kaggle credentials: an API token
+(KAGGLE_API_TOKEN or ~/.kaggle/access_token) or the legacy key (~/.kaggle/kaggle.json, or
 KAGGLE_USERNAME and KAGGLE_KEY); nothing else does.
 """
 import argparse
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from rcic.cli.common import ArgumentParser
 from rcic.errors import UserError, cli_main
-from rcic.kaggle import chain
+from rcic.kaggle import chain, session
 
 PROG = "rcic-chain"
 
@@ -40,15 +41,26 @@ def seconds(text):
     return value
 
 
+def duration(text):
+    from rcic.budget import parse_duration
+
+    try:
+        return parse_duration(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err))
+
+
 def cmd_init(args):
     spec = chain.ChainSpec(owner=args.owner, prefix=args.prefix, stages=args.stages,
                            recipe=Path(args.config), budget=args.budget,
-                           competition=args.competition, machine_shape=args.machine_shape,
-                           bundle=args.bundle, steps_per_stage=args.steps_per_stage,
-                           cache_size=args.cache)
+                           session_limit=args.session_limit, competition=args.competition,
+                           machine_shape=args.machine_shape, bundle=args.bundle,
+                           steps_per_stage=args.steps_per_stage, cache_size=args.cache)
     folders = chain.render_chain(spec, args.out)
     for folder in folders:
         print(f"{folder}  {chain.kernel_id(folder)}")
+    print(f"each stage: a budget of {spec.budget} in a session of at most "
+          f"{session.format_duration(spec.limit()[0])} ({spec.limit()[1]})")
     print(f"next: rcic-chain push {args.out}  (after publishing the bundle dataset "
           f"{spec.kernel_id(spec.bundle)})")
 
@@ -81,18 +93,20 @@ def cmd_status(args):
 
 def cmd_output(args):
     from rcic.kaggle import client
+    from rcic.kaggle.record import Record
 
     folders = chain.kernel_folders(args.dir)
-    api = client.connect()
+    api, record = client.connect(), Record(args.dir)
     for folder in folders:
-        kernel = chain.kernel_id(folder)
-        files = client.download_output(api, kernel, folder / "output")
-        print(f"{kernel}: {len(files)} file(s) in {folder / 'output'}")
+        kernel, current = chain.kernel_id(folder), record.current(folder.name)
+        # The run this folder pushed last; the newest run for a kernel it never pushed.
+        version = current["version"] if current else None
+        files = client.download_output(api, kernel, folder / "output", version)
+        print(f"{kernel}{f' version {version}' if version else ''}: {len(files)} file(s) in "
+              f"{folder / 'output'}")
 
 
 def cmd_plan(args):
-    from rcic.budget import parse_duration
-    from rcic.config import load_recipe
     from rcic.kaggle.plan import plan, samples_per_second_from
 
     if (args.samples_per_second is None) == (args.from_stage_json is None):
@@ -100,8 +114,24 @@ def cmd_plan(args):
                         "--from-stage-json FILE")
     sps = (args.samples_per_second if args.samples_per_second is not None
            else samples_per_second_from(args.from_stage_json))
+    recipe, budget = plan_budget(args)
+    print(plan(recipe, sps, budget, args.train_samples, args.data).describe())
+
+
+def plan_budget(args):
+    """(recipe, stage budget in seconds) for `plan`: --budget, checked against the session
+    limit, or the longest budget that fits it."""
+    from rcic.budget import parse_duration
+    from rcic.config import load_recipe
+
     recipe = load_recipe(args.config)
-    print(plan(recipe, sps, parse_duration(args.budget), args.train_samples, args.data).describe())
+    parameters = session.recipe_parameters(recipe)
+    limit, why = session.session_limit(args.machine_shape, args.session_limit)
+    if args.budget is None:
+        return recipe, session.default_budget_seconds(limit, parameters)
+    budget = parse_duration(args.budget)
+    session.check_budget(budget, args.budget, limit, why, parameters)
+    return recipe, budget
 
 
 def cmd_publish_bundle(args):
@@ -134,6 +164,16 @@ def add_cache_option(parser):
                              "(default: only when the recipe sets data.cache)")
 
 
+def add_session_options(parser):
+    parser.add_argument("--budget",
+                        help="training budget of each stage (default: the longest that fits "
+                             "the session, leaving Kaggle time to boot and save the output: "
+                             "11h30m for NvidiaTeslaT4's 12-hour sessions)")
+    parser.add_argument("--session-limit", type=duration, metavar="DURATION",
+                        help="a competition's own session limit, e.g. 9h (default: Kaggle's, "
+                             "12 h for GPU and CPU kernels, 9 h for TPU)")
+
+
 def build_parser():
     p = ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,9 +187,7 @@ def build_parser():
     s.add_argument("--competition", default=chain.DEFAULT_COMPETITION)
     s.add_argument("--machine-shape", default=chain.DEFAULT_MACHINE_SHAPE,
                    help=f"Kaggle accelerator (default {chain.DEFAULT_MACHINE_SHAPE})")
-    s.add_argument("--budget", default=chain.DEFAULT_BUDGET,
-                   help=f"training budget of each stage (default {chain.DEFAULT_BUDGET}: Kaggle "
-                        f"kills a session at 9 h, and start-up and saving need the rest)")
+    add_session_options(s)
     s.add_argument("--bundle", default=chain.DEFAULT_BUNDLE,
                    help=f"slug of your bundle dataset (default {chain.DEFAULT_BUNDLE})")
     s.add_argument("--out", required=True, help="folder to render into (new or empty)")
@@ -190,7 +228,9 @@ def build_parser():
     s.add_argument("--samples-per-second", type=float, help="measured training throughput")
     s.add_argument("--from-stage-json", help="read samples_per_second from a stage's stage.json")
     s.add_argument("--config", help="recipe YAML file (default: the built-in recipe)")
-    s.add_argument("--budget", default=chain.DEFAULT_BUDGET, help="budget of each stage")
+    s.add_argument("--machine-shape", default=chain.DEFAULT_MACHINE_SHAPE,
+                   help=f"Kaggle accelerator (default {chain.DEFAULT_MACHINE_SHAPE})")
+    add_session_options(s)
     s.add_argument("--train-samples", type=whole_number,
                    help="training sites per epoch (default: counted in --data)")
     s.add_argument("--data", help="RxRx1 folder to count training sites in (default: embedded)")

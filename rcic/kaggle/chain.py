@@ -21,15 +21,10 @@ from importlib import resources
 from pathlib import Path
 
 from rcic.errors import UserError, refuse_nonempty
-from rcic.kaggle import metadata
+from rcic.kaggle import metadata, session
 
 DEFAULT_COMPETITION = "recursion-cellular-image-classification"
 DEFAULT_MACHINE_SHAPE = "NvidiaTeslaT4"   # two T4s; P100 images no longer run current torch
-KAGGLE_LIMIT_SECONDS = 9 * 3600
-# 30 minutes under Kaggle's 9 hours: the stage's clock starts with its process, after the kernel
-# has booted and installed the bundle, and Kaggle still has to save /kaggle/working (checkpoints
-# of a few GB) after the script ends. A session past 9 hours is killed and loses its output.
-DEFAULT_BUDGET = "8h30m"
 DEFAULT_BUNDLE = "rcic-package"           # slug of the bundle dataset (dataset-metadata.json)
 CHAIN_FILE = "chain.json"
 STAGE_SCRIPT, SUBMIT_SCRIPT, CACHE_SCRIPT = "stage_kernel.py", "submit_kernel.py", "cache_kernel.py"
@@ -43,7 +38,8 @@ class ChainSpec:
     prefix: str
     stages: int
     recipe: Path = None            # a recipe YAML file; None = the built-in default recipe
-    budget: str = DEFAULT_BUDGET
+    budget: str = None             # None = the longest that fits the session (rcic.kaggle.session)
+    session_limit: float = None    # seconds; None = Kaggle's limit for the machine shape
     competition: str = DEFAULT_COMPETITION
     machine_shape: str = DEFAULT_MACHINE_SHAPE
     bundle: str = DEFAULT_BUNDLE
@@ -67,20 +63,25 @@ class ChainSpec:
                             f"or more")
         if self.stages < 1:
             raise UserError(f"--stages {self.stages}: a chain needs at least 1 stage")
+        check_slugs(self)
         recipe = load_recipe(self.recipe)    # the built-in default when None
-        if self.recipe is not None:
-            # A missing or broken recipe, or a model it cannot build, fails now, not on Kaggle.
-            from rcic.models import create_model
-            create_model(recipe.model, num_classes=8, num_cell_types=4, with_pretrained=False)
+        # Building the model checks it now, not on Kaggle; its size sets the output's save time.
+        self.parameters = session.recipe_parameters(recipe)
         size = recipe.data.image_size
         if self.cache_size < 0 or self.cache_size not in (0, size):
             raise UserError(f"--cache {self.cache_size}: the recipe trains at {size} px, and a "
                             f"cache holds the images at the size the model sees: pass "
                             f"--cache {size}, or change data.image_size")
-        seconds = parse_duration(self.budget)
-        if seconds >= KAGGLE_LIMIT_SECONDS:
-            raise UserError(f"--budget {self.budget} does not fit Kaggle's 9-hour limit: leave "
-                            f"room for start-up and saving, e.g. --budget {DEFAULT_BUDGET}")
+        limit, why = self.limit()
+        if self.budget is None:
+            self.budget = session.format_duration(
+                session.default_budget_seconds(limit, self.parameters))
+        session.check_budget(parse_duration(self.budget), self.budget, limit, why,
+                             self.parameters)
+
+    def limit(self):
+        """(seconds, why) of the session limit of this chain's stages."""
+        return session.session_limit(self.machine_shape, self.session_limit)
 
     def cache_plan(self):
         """(cache px or 0, whether the stages read test images too) of this chain's recipe."""
@@ -95,6 +96,19 @@ class ChainSpec:
 
     def kernel_id(self, slug):
         return f"{self.owner}/{slug}"
+
+
+def check_slugs(spec):
+    """Each kernel's id must be the slug Kaggle makes of its title (see metadata.kaggle_slug):
+    a prefix such as 'a--b' or 'rcic-' renders ids Kaggle would not find."""
+    for kind in ("stage 01", "cache train", "submit"):
+        slug, title = f"{spec.prefix}-{kind.replace(' ', '-')}", f"{spec.prefix} {kind}"
+        made = metadata.kaggle_slug(title)
+        if made not in (None, slug):
+            raise UserError(f"--prefix {spec.prefix!r}: Kaggle makes the title {title!r} into "
+                            f"the slug {made!r}, not the kernel's id {slug!r}, and would not "
+                            f"find the kernel by its id: use single hyphens between letters "
+                            f"and digits, e.g. --prefix rcic-b0")
 
 
 def template(name):
@@ -161,9 +175,12 @@ def render_chain(spec, out):
         (tmp / folder / script).write_text(render_script(template(script), settings))
         metadata.write_json(tmp / folder / metadata.KERNEL_METADATA, meta)
         metadata.check_kernel_folder(tmp / folder)
+    limit, why = spec.limit()
     metadata.write_json(tmp / CHAIN_FILE, {"kernels": [k[0] for k in kernels],
                                            "budget": spec.budget, "stages": spec.stages,
-                                           "cache": cache_size})
+                                           "cache": cache_size, "session_limit": limit,
+                                           "session_limit_source":
+                                               f"{why}: {session.LIMIT_SOURCE}"})
     if out.exists():
         out.rmdir()
     tmp.rename(out)

@@ -9,6 +9,7 @@ ERROR), so every call here reads the answer and turns a failure into one UserErr
 import contextlib
 import io
 import time
+from pathlib import Path
 
 from rcic.errors import UserError
 
@@ -26,19 +27,70 @@ NETWORK_RETRIES = 8
 MAX_BACKOFF_SECONDS = 30 * 60
 
 
+# The oldest client that has every call rcic makes and reads the version it is asked for:
+# `get_submission` arrived in 2.2.5, and through 2.2.4 `kernels_status` and `kernels_output`
+# dropped the N of owner/slug/N, so Kaggle answered for the newest run (docs/rxrx1-and-kaggle.md).
+# setup.py and constraints/kaggle-floor.txt say the same; a test keeps the three equal.
+CLIENT_FLOOR = "2.2.5"
+
+# Both ways of giving credentials, as Kaggle's settings page offers them (2026-12).
+WAYS = ("an API token (kaggle.com > Settings > API > Generate New Token) in KAGGLE_API_TOKEN or "
+        "~/.kaggle/access_token, or the legacy key kaggle.json in ~/.kaggle/ or "
+        "$KAGGLE_CONFIG_DIR (or KAGGLE_USERNAME and KAGGLE_KEY)")
+TOKEN_PLACES = {"KAGGLE_API_TOKEN": "KAGGLE_API_TOKEN", "access_token": "~/.kaggle/access_token"}
+
+
+def require_client():
+    """A UserError when the installed kaggle client is older than CLIENT_FLOOR."""
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    installed = metadata.version("kaggle")
+    if Version(installed) < Version(CLIENT_FLOOR):
+        raise UserError(f"kaggle {installed} is installed, and rcic-chain needs kaggle>="
+                        f"{CLIENT_FLOOR} (older clients read a kernel's newest run instead of "
+                        f"the recorded one, and cannot fetch a submission's score): pip install "
+                        f"-U 'kaggle>={CLIENT_FLOOR}'")
+
+
 def connect():
     """An authenticated KaggleApi, or a UserError saying how to give it credentials."""
+    require_client()
+    api, refused = authenticate()
+    if refused:
+        raise UserError(f"Kaggle refused the API token in {refused} (expired or revoked?): give "
+                        f"{WAYS}, and remove the refused token")
+    if api is None:
+        raise UserError(f"no Kaggle credentials: give {WAYS}")
+    return api
+
+
+def authenticate():
+    """(the KaggleApi, or None when it found no credentials it could use; where the API token
+    Kaggle refused is, or None)."""
+    import requests
+
     # Importing kaggle tries to authenticate and, without credentials, prints a page of help.
     with contextlib.redirect_stdout(io.StringIO()):
-        from kaggle.api.kaggle_api_extended import KaggleApi
+        from kaggle.api.kaggle_api_extended import AuthMethod, KaggleApi
+        from kagglesdk import get_access_token_from_env
         api = KaggleApi()
+        token, source = get_access_token_from_env()
         try:
             api.authenticate()
         except SystemExit:
-            raise UserError("no Kaggle credentials: put kaggle.json (from kaggle.com > Settings "
-                            "> API > Create New Token) in ~/.kaggle/ or $KAGGLE_CONFIG_DIR, or "
-                            "set KAGGLE_USERNAME and KAGGLE_KEY") from None
-    return api
+            api = None
+        except requests.HTTPError as err:   # the client lets a 401 of its token check through
+            if not token or http_status(err) != 401:
+                with calling("the check of your API token"):
+                    raise
+            api = None
+    # The client asks Kaggle whom a token belongs to; a refused one (expired, revoked) it skips
+    # without a word, and its HTTP layer would still send it with every call.
+    by_token = api is not None and (api.config_values.get(api.CONFIG_NAME_AUTH_METHOD)
+                                    == str(AuthMethod.ACCESS_TOKEN))
+    return api, (TOKEN_PLACES.get(source, source) if token and not by_token else None)
 
 
 @contextlib.contextmanager
@@ -116,7 +168,22 @@ def push(api, folder, kernel):
 
 
 def current_version(api, kernel, poll_seconds=60.0, echo=print, sleep=time.sleep):
-    """The number of the kernel's newest version on Kaggle, or None when it has none."""
+    """The number of the kernel's newest version on Kaggle, or None when it has none. Kaggle
+    may show a version only a while after the push that made it."""
+    meta = kernel_metadata(api, kernel, poll_seconds, echo, sleep)
+    return meta.current_version_number if meta is not None else None
+
+
+def kernel_image(api, kernel, poll_seconds=60.0, echo=print, sleep=time.sleep):
+    """The docker image Kaggle says the kernel's newest version runs on, or None if it says
+    none (or the kernel has no version)."""
+    meta = kernel_metadata(api, kernel, poll_seconds, echo, sleep)
+    return (meta.docker_image or None) if meta is not None else None
+
+
+def kernel_metadata(api, kernel, poll_seconds, echo, sleep):
+    """kagglesdk's metadata of the kernel's newest version, or None when it has none. (The
+    client has no call for it: kernels_pull writes files.)"""
     import requests
     from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelRequest
 
@@ -131,9 +198,8 @@ def current_version(api, kernel, poll_seconds=60.0, echo=print, sleep=time.sleep
             if http_status(err) == 404:
                 return None
             raise
-    meta = patiently(call, f"the versions of {kernel}", poll_seconds, echo, sleep,
+    return patiently(call, f"the versions of {kernel}", poll_seconds, echo, sleep,
                      "run the same command again once Kaggle answers")
-    return meta.current_version_number if meta is not None else None
 
 
 def read_status(api, kernel, version=None):
@@ -190,6 +256,20 @@ def download_output(api, kernel, dest, version=None, pattern=None):
         files, _ = api.kernels_output(f"{kernel}/{version}" if version else kernel, str(dest),
                                       file_pattern=pattern, force=True, quiet=True)
     return files
+
+
+def download_version(api, kernel, version, dest, pattern=None):
+    """Download what run `version` of `kernel` wrote (the files matching `pattern`, and its log)
+    into dest/version-N; returns {name: path} of the files this call wrote.
+
+    The read is pinned to the version (the client sends it as `versionLabel`: without one
+    Kaggle answers for the newest run), and only files written for it are returned: a file a
+    read of another version left in `dest` is never taken for this one's."""
+    if version is None:
+        raise UserError(f"no recorded version of {kernel} to read: run rcic-chain push first")
+    folder = Path(dest) / f"version-{version}"
+    files = download_output(api, kernel, folder, version, pattern)
+    return {Path(f).relative_to(folder).as_posix(): Path(f) for f in files}
 
 
 def submit_file(api, path, competition, message):

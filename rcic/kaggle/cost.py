@@ -14,9 +14,12 @@ from rcic.errors import UserError
 from rcic.kaggle import chain, client, metadata
 from rcic.kaggle.plan import hours
 from rcic.kaggle.record import Record
+from rcic.versions import describe, differences as versions_differences
 
 WEEKLY_GPU_HOURS = 30.0      # Kaggle's GPU quota a week, when the API does not say
 STAGE_JSON = "stage.json"
+MANIFEST = "MANIFEST.json"      # rcic.checkpoint's manifest: it records the versions
+REPORT_FILES = r"^(stage\.json|ckpt-\d+/MANIFEST\.json)$"
 
 
 def observed_seconds(attempt, now, running):
@@ -31,18 +34,43 @@ def observed_seconds(attempt, now, running):
 
 
 def stage_report(api, folder, kernel, completed_version):
-    """The stage's stage.json, downloaded once from its completed run; None if there is none."""
-    path = folder / "output" / STAGE_JSON
-    if not path.exists() and completed_version is not None:
+    """(stage.json, the versions its checkpoint was written under) of a stage's completed run,
+    downloaded once from that version into DIR/<stage>/output/version-N; None for either that
+    it did not leave."""
+    if completed_version is None:
+        return None, None
+    kept = folder / "output" / f"version-{completed_version}"
+    if not (kept / STAGE_JSON).exists():
         try:
-            client.download_output(api, kernel, folder / "output", completed_version,
-                                   r"^stage\.json$")
+            client.download_version(api, kernel, completed_version, folder / "output",
+                                    REPORT_FILES)
         except UserError:
-            return None
+            return None, None
+    manifests = sorted(kept.glob(f"ckpt-*/{MANIFEST}"))
+    manifest = read_json(manifests[-1]) if manifests else None
+    return read_json(kept / STAGE_JSON), (manifest or {}).get("versions")
+
+
+def read_json(path):
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def version_lines(ran_under):
+    """One line per stage with the versions it trained under, flagging a change from the stage
+    before it: Kaggle's image can move between two stages of a chain."""
+    lines, previous = [], None
+    for name, versions in ran_under:
+        line = f"{name:10s} ran under " + ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+        changed = versions_differences(previous[1], versions) if previous else []
+        if changed:
+            line += (f"  CHANGED since {previous[0]}: {describe(changed)} (Kaggle's image moved; "
+                     f"the resume is exact only under the same versions)")
+        lines.append(line)
+        previous = (name, versions)
+    return lines
 
 
 def chain_status(chain_dir, api, echo=print):
@@ -50,6 +78,7 @@ def chain_status(chain_dir, api, echo=print):
     budget = parse_duration(metadata.read_json(chain_dir / chain.CHAIN_FILE)["budget"])
     record, now = Record(chain_dir), time.time()
     used, untimed, stages_left, full_stages, newest = 0.0, 0, [], [], None
+    ran_under = []            # (stage, the versions its checkpoint was written under)
     for folder in folders:
         kernel, current = chain.kernel_id(folder), record.current(folder.name)
         version = current["version"] if current else None
@@ -62,8 +91,10 @@ def chain_status(chain_dir, api, echo=print):
         finished = state if state in client.FINISHED else None
         report = None
         if chain.is_stage(folder):
-            report = stage_report(api, folder, kernel, version if finished == client.COMPLETE
-                                  else None)
+            report, versions = stage_report(api, folder, kernel,
+                                            version if finished == client.COMPLETE else None)
+            if versions:
+                ran_under.append((folder.name, versions))
         seconds = observed_seconds(current, now, not finished) if current else None
         if seconds is None and report is not None and finished:
             seconds = report.get("seconds_used")      # it ended while no driver watched
@@ -96,6 +127,8 @@ def chain_status(chain_dir, api, echo=print):
     else:
         free = WEEKLY_GPU_HOURS - used / 3600
     echo(remaining_line(stages_left, newest, full_stages, budget, free))
+    for line in version_lines(ran_under):
+        echo(line)
 
 
 def remaining_line(stages_left, newest, full_stage, budget, free_hours):

@@ -9,12 +9,24 @@ rerun asks Kaggle where each kernel stands instead of pushing again:
     recorded, failed              reported; pushed again only with --retry
     pushed but not recorded       found by asking Kaggle for the kernel's version
     never pushed                  pushed, once the kernel before it has completed
+
+Kaggle may show a new version some time after the push that made it, so a push Kaggle does not
+show yet is asked about again, VISIBLE_WITHIN_ASKS times a poll apart, before the driver takes
+it as never sent (once is enough for an intent older than SETTLED_SECONDS).
+
+Every GPU kernel after the chain's first GPU kernel is pushed with the docker image that one
+runs on, as Kaggle reports it (`docker_image` in kernel-metadata.json, recorded in pushes.json
+under "images"), and every CPU kernel (the caches) with the first CPU kernel's: the whole chain
+runs on one image of each kind where Kaggle allows it.
 """
 import time
 
 from rcic.errors import UserError
-from rcic.kaggle import chain, client, lock
+from rcic.kaggle import chain, client, lock, metadata
 from rcic.kaggle.record import Record
+
+VISIBLE_WITHIN_ASKS = 5
+SETTLED_SECONDS = 15 * 60
 
 
 class Driver:
@@ -25,6 +37,7 @@ class Driver:
 
     def run(self, retry=False, start_from=None):
         folders = chain.kernel_folders(self.chain_dir)
+        self.folders = folders
         if start_from is not None:
             names = [f.name for f in folders]
             if start_from not in names:
@@ -62,20 +75,54 @@ class Driver:
         attempt = self.record.current(name)
         if attempt is None or attempt["version"] is not None:
             return attempt
-        version = client.current_version(self.api, kernel, self.poll_seconds, self.echo,
-                                         self.sleep)
-        if version is not None and (attempt["before"] is None or version > attempt["before"]):
-            self.echo(f"{kernel}: the push sent before the driver stopped reached Kaggle "
-                      f"(version {version})")
-            self.record.update(attempt, version=version, pushed_at=attempt["intent_at"])
-            return attempt
+        recent = time.time() - attempt["intent_at"] < SETTLED_SECONDS
+        for ask in range(VISIBLE_WITHIN_ASKS if recent else 1):
+            if ask:
+                self.sleep(self.poll_seconds)
+            version = client.current_version(self.api, kernel, self.poll_seconds, self.echo,
+                                             self.sleep)
+            if version is not None and (attempt["before"] is None
+                                        or version > attempt["before"]):
+                self.echo(f"{kernel}: the push sent before the driver stopped reached Kaggle "
+                          f"(version {version})")
+                self.record.update(attempt, version=version, pushed_at=attempt["intent_at"])
+                return attempt
         self.record.drop(name)
         return None
 
+    def version_before(self, name, kernel):
+        """The kernel's newest version now: Kaggle's word, or a newer one this folder pushed
+        that Kaggle does not show yet."""
+        shown = client.current_version(self.api, kernel, self.poll_seconds, self.echo,
+                                       self.sleep)
+        known = [a["version"] for a in self.record.attempts(name) if a["version"] is not None]
+        return max(filter(None, [shown, *known]), default=None)
+
+    def pin_image(self, folder):
+        """Give a kernel the image the chain's first kernel of its kind (GPU or CPU) runs on,
+        when Kaggle says which (recorded once, so every later kernel gets the same)."""
+        path = folder / metadata.KERNEL_METADATA
+        meta = metadata.read_json(path)
+        kind = "gpu" if meta["enable_gpu"] else "cpu"
+        first = next(f for f in self.folders
+                     if metadata.read_json(f / metadata.KERNEL_METADATA)["enable_gpu"]
+                     == meta["enable_gpu"])
+        if first == folder:
+            return
+        images = self.record.data.setdefault("images", {})
+        if kind not in images:
+            image = client.kernel_image(self.api, chain.kernel_id(first), self.poll_seconds,
+                                        self.echo, self.sleep)
+            if image is None:
+                return
+            images[kind] = image
+            self.record.save()
+        if meta.get("docker_image") != images[kind]:
+            metadata.write_json(path, {**meta, "docker_image": images[kind]})
+
     def push(self, name, folder, kernel):
-        before = client.current_version(self.api, kernel, self.poll_seconds, self.echo,
-                                        self.sleep)
-        attempt = self.record.intend(name, kernel, before)
+        self.pin_image(folder)
+        attempt = self.record.intend(name, kernel, self.version_before(name, kernel))
         version, url, problem = client.push(self.api, folder, kernel)
         self.record.update(attempt, version=version, pushed_at=time.time())
         if problem:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from rcic.errors import UserError, refuse_nonempty
-from rcic.kaggle import chain, limits, metadata
+from rcic.kaggle import chain, limits, metadata, session
 from rcic.kaggle.bundle import build_bundle
 
 LOCAL_OWNER = "local"
@@ -131,7 +131,8 @@ def run_chain(folders, runs, data, bundle, stage_limit, output_limit=limits.KAGG
         working.mkdir()
         scratch.mkdir()
         link_inputs(meta, input_root, bundle, data, outputs)
-        limit = stage_limit if chain.is_stage(folder) else chain.KAGGLE_LIMIT_SECONDS
+        limit = (stage_limit if chain.is_stage(folder)
+                 else session.session_limit(meta.get("machine_shape"))[0])
         cut_off = offline if not meta["enable_internet"] and offline else ()
         echo(f"rcic-chain local: {folder.name} ({meta['id']}), hard limit {limit:.0f}s"
              + (", no network" if cut_off else ""))

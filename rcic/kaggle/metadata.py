@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+from rcic.atomic import write_atomic
 from rcic.errors import UserError
 
 KERNEL_METADATA = "kernel-metadata.json"
@@ -31,6 +32,10 @@ def kernel_metadata(owner, slug, title, code_file, *, gpu, machine_shape=None,
         "dataset_sources": list(dataset_sources),
         "competition_sources": list(competition_sources),
         "kernel_sources": list(kernel_sources),
+        # Re-pushes of a kernel (--retry, --from) keep the image of its first version, instead
+        # of moving to Kaggle's newest between two stages of a chain (rcic.kaggle.driver pins
+        # the later kernels to the first one's image through docker_image).
+        "docker_image_pinning_type": "original",
     }
     if machine_shape:
         meta["machine_shape"] = machine_shape
@@ -41,12 +46,18 @@ def kernel_problems(meta, folder):
     """Every way `meta` (read from `folder`) breaks Kaggle's rules, as short phrases."""
     problems = []
     owner, _, slug = str(meta.get("id", "")).partition("/")
+    slug_ok = False
     if not owner or "/" in slug:
         problems.append(f"id {meta.get('id')!r} is not owner/slug")
     elif len(slug) < 5:
         problems.append(f"kernel slug {slug!r} is shorter than 5 characters")
+    else:
+        slug_ok = True
     if len(str(meta.get("title", ""))) < 5:
         problems.append(f"title {meta.get('title')!r} is shorter than 5 characters")
+    elif slug_ok and kaggle_slug(meta["title"]) not in (None, slug):
+        problems.append(f"title {meta['title']!r} becomes the slug "
+                        f"{kaggle_slug(meta['title'])!r} on Kaggle, not {slug!r}")
     code_file = meta.get("code_file")
     if not code_file or not (Path(folder) / code_file).is_file():
         problems.append(f"code_file {code_file!r} does not exist beside the metadata")
@@ -65,6 +76,17 @@ def kernel_problems(meta, folder):
             if not owner or not slug or "/" in slug or (key == "kernel_sources" and len(slug) < 5):
                 problems.append(f"{key} entry {source!r} is not owner/slug")
     return problems
+
+
+def kaggle_slug(title):
+    """The slug Kaggle makes of a kernel title: the kaggle client's own python-slugify. Where
+    the id's slug differs, the client warns and later calls by the id find no kernel. None
+    without the client (nothing can be pushed then; push checks again)."""
+    try:
+        from slugify import slugify
+    except ImportError:
+        return None
+    return slugify(title)
 
 
 def check_kernel_folder(folder):
@@ -115,4 +137,5 @@ def read_json(path):
 
 
 def write_json(path, data):
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    # Atomic: the driver rewrites a kernel's metadata (its image) and may be killed meanwhile.
+    write_atomic(path, json.dumps(data, indent=2) + "\n")

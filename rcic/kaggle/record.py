@@ -10,7 +10,8 @@ kernel's current version: newer than `before` means the push landed, else it nev
 moment of death makes a kernel run twice or not at all.
 
     {"kernels": {"stage-01": [attempt, ...], ...},      # every push of that kernel folder
-     "submission": {...}}                               # see rcic.kaggle.submit
+     "submission": {...},                               # see rcic.kaggle.submit
+     "images": {"gpu": image, "cpu": image}}            # see rcic.kaggle.driver
 
 An attempt: {"kernel", "before", "intent_at", "version", "pushed_at", "running_at",
 "finished_at", "state", "message"}; the last one is the kernel's current run. Times are Unix

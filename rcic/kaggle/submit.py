@@ -55,22 +55,23 @@ def submit_chain(chain_dir, api, message, poll_seconds, again=False, echo=print,
 
 
 def send(api, record, folder, kernel, version, competition, message, echo):
-    out = folder / "output"
-    client.download_output(api, kernel, out, version, rf"^{SUBMISSION_FILE}$")
-    if not (out / SUBMISSION_FILE).is_file():
+    files = client.download_version(api, kernel, version, folder / "output",
+                                    rf"^{SUBMISSION_FILE}$")
+    if SUBMISSION_FILE not in files:
         raise UserError(f"{kernel} version {version} wrote no {SUBMISSION_FILE}: read its log in "
-                        f"{out}")
+                        f"{folder / 'output' / f'version-{version}'}")
+    path = files[SUBMISSION_FILE]
     sent = {"version": version, "sent_at": time.time(), "ref": None, "message": message}
     record.data["submission"] = sent
     record.save()
     try:
-        ref = client.submit_file(api, out / SUBMISSION_FILE, competition, message)
+        ref = client.submit_file(api, path, competition, message)
     except UserError:
         # Refused: nothing was submitted, so a rerun may submit without --again.
         del record.data["submission"]
         record.save()
         raise
     record.update(sent, ref=ref)
-    echo(f"submitted {out / SUBMISSION_FILE} ({kernel} version {version}) to {competition}: "
+    echo(f"submitted {path} ({kernel} version {version}) to {competition}: "
          f"submission {ref}")
     return sent
