@@ -120,9 +120,17 @@ class Budget:
         return self.remaining() - self.margin >= seconds_needed
 
 
-def stage_budget(seconds, start):
-    """The budget a supervised stage plans with: the supervisor's, less what the kill needs."""
-    return Budget(seconds, start=start, margin=default_margin(seconds) + KILL_RESERVE)
+# Seconds torchrun takes to end after its ranks have: its agent notices (it polls every 0.1 s),
+# closes the rendezvous and exits. 1.6 s for two CPU ranks on a 2-core machine at load 8
+# (stage.json's measured teardown, less a one-process stage's); kept at three times that.
+TORCHRUN_TEARDOWN = 5.0
+
+
+def stage_budget(seconds, start, world=1):
+    """The budget a supervised stage of `world` processes plans with: the supervisor's, less
+    what the kill needs (and torchrun's own ending, when it runs the ranks)."""
+    margin = default_margin(seconds) + KILL_RESERVE + (TORCHRUN_TEARDOWN if world > 1 else 0.0)
+    return Budget(seconds, start=start, margin=margin)
 
 
 def minimum_budget(work_seconds):

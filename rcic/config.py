@@ -43,6 +43,9 @@ class ModelConfig:
     scale: float = 30.0
     arcface_weight: float = 0.5        # weight of the ArcFace loss in ce+arcface
     dropout: float = 0.0
+    # BatchNorm statistics over the whole micro-batch when several processes share it (two
+    # all-reduces per BatchNorm layer); one process is unaffected.
+    sync_batchnorm: bool = False
 
 
 @dataclass
@@ -111,6 +114,22 @@ RUN_ONLY_FIELDS = {
 }
 
 
+def check_process_count(recipe, processes):
+    """Refuse a number of processes that cannot share the recipe's micro-batches equally.
+
+    The recipe fixes the global batch (data.batch_size x optim.accumulation_steps samples an
+    optimizer step), its steps and its schedule; N processes each take 1/N of every micro-batch,
+    so N must divide data.batch_size."""
+    size = recipe.data.batch_size
+    if size % processes:
+        counts = [n for n in range(1, size + 1) if size % n == 0 and n <= 64]
+        raise UserError(f"{processes} processes cannot share recipe {recipe.name}'s micro-batches "
+                        f"of {size} samples (data.batch_size) equally: run it on "
+                        f"{', '.join(map(str, counts))} processes, or choose a data.batch_size "
+                        f"that {processes} divides (the global batch, data.batch_size x "
+                        f"optim.accumulation_steps, is the recipe's on any number of processes)")
+
+
 def flatten(d, prefix=""):
     out = {}
     for key, value in d.items():
@@ -122,8 +141,15 @@ def flatten(d, prefix=""):
     return out
 
 
+# Training fields added after recipes were already running: counted in the hash only when set
+# to something other than this default, so a checkpoint written before the field existed
+# still resumes under the same recipe.
+LATER_FIELDS = {"model.sync_batchnorm": False}
+
+
 def training_fields(recipe):
-    return {k: v for k, v in flatten(recipe.to_dict()).items() if k not in RUN_ONLY_FIELDS}
+    return {k: v for k, v in flatten(recipe.to_dict()).items()
+            if k not in RUN_ONLY_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
 def differing_training_fields(a, b):

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rcic import deadline, stage_report
-from rcic.config import save_recipe
+from rcic.config import check_process_count, save_recipe
 from rcic.errors import UserError
 
 
@@ -51,16 +51,41 @@ class StageRequest:
 
 @dataclass
 class Processes:
-    """How many workers a stage runs, and where: `gpus` on each of `nnodes` machines."""
+    """How many workers a stage runs, and where: `gpus` on each of `nnodes` machines.
+
+    On one machine torchrun runs standalone. On several, every machine runs rcic-stage with the
+    same `nnodes` and `rdzv_endpoint` (HOST:PORT of machine 0, which hosts the rendezvous) and
+    its own `node_rank`; torchrun's static rendezvous joins them, and global rank 0 (on machine
+    0) writes the checkpoint. Each machine's supervisor holds the deadline of its own tree."""
     gpus: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+
+    @property
+    def total(self):
+        return self.gpus * self.nnodes
+
+    def check(self):
+        if self.gpus < 1 or self.nnodes < 1:
+            raise UserError(f"--gpus {self.gpus} --nnodes {self.nnodes}: both must be 1 or more")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise UserError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (machine 0's "
+                            f"address and a free port), the same on every machine")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise UserError(f"--node-rank {self.node_rank} is not one of 0..{self.nnodes - 1} "
+                            f"(--nnodes {self.nnodes})")
 
     def command(self, request_file):
-        """The worker's command line: itself, or torchrun over `gpus` of it."""
+        """The worker's command line: itself, or torchrun over `gpus` of it on each machine."""
         worker = ["-m", "rcic.cli.stage_worker", str(request_file)]
-        if self.gpus == 1:
+        if self.total == 1:
             return [sys.executable, *worker]
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={self.gpus}", *worker]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.gpus}"]
+        if self.nnodes == 1:
+            return [*torchrun, "--standalone", *worker]
+        return [*torchrun, f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}",
+                "--rdzv-backend=static", f"--rdzv-endpoint={self.rdzv_endpoint}", *worker]
 
 
 def check_writable(out):
@@ -80,8 +105,10 @@ def launch_stage(recipe, data_root, out, budget, resume_roots, max_steps=0, quie
     `out`, supervised, on the clock of `budget` (a rcic.budget.Budget); returns the exit status
     (0: trained or stopped in time with a committed checkpoint; 2: said why in one line)."""
     out = Path(out)
-    check_writable(out)
     processes = processes or Processes()
+    processes.check()
+    check_process_count(recipe, processes.total)
+    check_writable(out)
     folder = Path(tempfile.mkdtemp(prefix="rcic-stage-request-"))
     try:
         save_recipe(recipe, folder / "recipe.yaml")

@@ -50,7 +50,10 @@ def train_stage(recipe, data, out, budget, resume_roots, max_steps=0, quiet=Fals
     out = Path(out)
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(out / "stage.log" if rank == 0 else None, quiet or rank > 0)
-    reporter = reporter if reporter is not None and rank == 0 else Reporter()
+    # The first rank on each machine tells that machine's supervisor (on more than one machine
+    # each holds the deadline of its own process tree).
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        reporter = None
     return Stage(recipe, data, out, budget, [*resume_roots, out], max_steps, reporter).run()
 
 
@@ -398,10 +401,11 @@ class Stage:
                 checkpoint.save_checkpoint(
                     self.out, state, step=trainer.global_step, epoch=trainer.epoch,
                     recipe_hash=self.recipe.training_hash(), done=trainer.finished,
-                    info={"recipe": self.recipe.to_dict(), "name": self.recipe.name})
-                self.checkpoint_step = trainer.global_step
+                    info={"recipe": self.recipe.to_dict(), "name": self.recipe.name,
+                          "processes": list(trainer.processes)})
                 save_weights(self.out / WEIGHTS_NAME, trainer.inference_model(), self.recipe,
                              self.weights_meta(trainer))
+            self.checkpoint_step = trainer.global_step
         unit = stage_report.UNIT["save"]
         self.costs[unit.seconds_key] += time.perf_counter() - started
         self.costs[unit.count_key] += 1
@@ -450,6 +454,8 @@ class Stage:
             "stopped_by": self.stopped_by,
             "costs": costs,
             "runtime": self.runtime,
+            "processes": list(trainer.processes),
+            "samples_digest": trainer.samples_digest,
         }
 
     def report(self, trainer):

@@ -72,6 +72,8 @@ FIELDS = {
     "killed_at_exit": "the kill came after the stage's own reports were written",
     "cache": "a Kaggle stage kernel's cache expand: folder, sites, seconds",
     "runtime": "how the stage ran: device, world size, DDP backend, deterministic kernels",
+    "processes": "the process counts the run has trained on, in order (stages on 1, 2, 1: [1, 2, 1])",
+    "samples_digest": "a digest of the sample ids of every step so far, in order",
 }
 # What the stage prints as its last line, and a chain's table shows.
 SUMMARY_KEYS = ("done", "global_step", "total_steps", "epoch", "seconds_used",

@@ -9,6 +9,7 @@ everything the step changed. Checkpoints are only taken between optimizer steps,
 half-accumulated gradient ever needs saving.
 """
 import contextlib
+import hashlib
 import random
 
 import numpy as np
@@ -20,10 +21,11 @@ from torch.utils.data import Subset
 
 from rcic.adabn import plate_rows, plate_statistics
 from rcic.budget import Interrupted, interruptible
+from rcic.config import check_process_count
 from rcic.data.layout import N_CONTROL_CLASSES, plate_key
 from rcic.data.dataset import EpochBatchSampler, Normalizer, SiteDataset, make_loader
 from rcic.errors import UserError
-from rcic.models import create_loss, create_model, set_backbone_trainable
+from rcic.models import create_loss, create_model, set_backbone_trainable, sync_batchnorm
 from rcic.optim import create_ema, create_optimizer, create_scheduler
 from rcic.pseudo import (choose_pseudo_labels, labels_from_lists, labels_to_lists, pseudo_sites,
                          schedule_fraction)
@@ -62,6 +64,7 @@ class Trainer:
     def __init__(self, recipe, data, device, world=1, rank=0, with_pretrained=True):
         self.recipe, self.data, self.device = recipe, data, device
         self.world, self.rank = world, rank
+        check_process_count(recipe, world)
         self.on_gpu = device.type == "cuda"
         self.amp = self.on_gpu and recipe.optim.amp
         # The order below is part of the result: the seeds, then everything that draws from
@@ -75,6 +78,8 @@ class Trainer:
         self.build_val_set(val_sites)
         self.num_classes = self.count_classes()
         self.raw_model = self.build_model(with_pretrained)
+        if world > 1 and recipe.model.sync_batchnorm:
+            self.raw_model = sync_batchnorm.convert(self.raw_model, self.on_gpu)
         self.model = self.wrap_distributed(self.raw_model)
         self.criterion = create_loss(recipe.model)
         self.optimizer = create_optimizer(recipe.optim, self.raw_model)
@@ -145,7 +150,14 @@ class Trainer:
     def reset_progress(self):
         self.global_step = 0          # optimizer steps done
         self.epoch = 0
-        self.batch_in_epoch = 0       # micro-batches of this epoch already consumed
+        # Micro-batches of this epoch already consumed: the recipe's micro-batches, the same on
+        # any number of processes (each rank takes a share of each), so it is a global position.
+        self.batch_in_epoch = 0
+        self.processes = [self.world]  # the process counts the run has trained on, in order
+        # A running digest of the sample ids of every step so far, in order: two runs that saw
+        # the same samples in the same order, on any process counts, have the same digest.
+        self.samples_digest = ""
+        self._order = None            # the micro-batches of the open epoch (all ranks' shares)
         self.samples_seen = 0
         self.pending_eval = False     # an epoch ended but its validation has not run yet
         self.history = []             # one dict per logged step or evaluation
@@ -195,7 +207,8 @@ class Trainer:
             "rng": self.gather_rng(),
             "counters": {"global_step": self.global_step, "epoch": self.epoch,
                          "batch_in_epoch": self.batch_in_epoch, "samples_seen": self.samples_seen,
-                         "pending_eval": self.pending_eval,
+                         "pending_eval": self.pending_eval, "processes": list(self.processes),
+                         "samples_digest": self.samples_digest,
                          # the running loss of an unfinished log interval, so that the metric
                          # history of a split run matches an uninterrupted one
                          "loss_sum": self._loss_sum.item(), "loss_count": self._loss_count},
@@ -205,6 +218,14 @@ class Trainer:
         }
 
     def load_state_dict(self, state):
+        counters = dict(state["counters"])
+        if "processes" not in counters and len(state["rng"]) > 1:
+            # Before 0.2 each of N processes drew whole micro-batches of its own, and the epoch
+            # position counted them: it means other samples now.
+            raise UserError(f"this checkpoint was written by rcic before 0.2 on "
+                            f"{len(state['rng'])} processes, whose data position counts each "
+                            f"process's own micro-batches: finish its run with the rcic that "
+                            f"wrote it, or start a new one")
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler and state["scheduler"]:
@@ -213,8 +234,13 @@ class Trainer:
         if self.ema and state["ema"]:
             self.ema.load_state_dict(state["ema"])
         rng = state["rng"]
+        # Each rank continues its own random stream; a rank the writer did not have (more
+        # processes now) takes rank 0's. Exact only on an unchanged process count.
         set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
-        counters = dict(state["counters"])
+        counters.setdefault("processes", [len(rng)])
+        counters.setdefault("samples_digest", "")
+        if counters["processes"][-1] != self.world:
+            counters["processes"] = [*counters["processes"], self.world]
         self._loss_sum = torch.tensor(counters.pop("loss_sum"), device=self.device)
         self._loss_count = counters.pop("loss_count")
         for key, value in counters.items():
@@ -260,10 +286,12 @@ class Trainer:
                            pin_memory=self.on_gpu, generator=torch.Generator(), **kwargs)
 
     def micro_batches(self):
-        """An iterator over the micro-batches of the rest of this epoch (one loader for them)."""
+        """An iterator over this rank's shares of the micro-batches of the rest of this epoch
+        (one loader for them)."""
         set_backbone_trainable(self.raw_model, self.epoch >= self.recipe.optim.freeze_backbone_epochs)
-        return iter(self._loader(self.train_set, batch_sampler=self._sampler(
-            self.epoch, self.batch_in_epoch, self.batches_per_epoch)))
+        sampler = self._sampler(self.epoch, self.batch_in_epoch, self.batches_per_epoch)
+        self._order = sampler.batches
+        return iter(self._loader(self.train_set, batch_sampler=sampler))
 
     @property
     def micro_batches_per_step(self):
@@ -303,7 +331,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
         self._loss_sum += loss.detach() * n
         self._loss_count += 1
-        self.samples_seen += len(labels) * self.world
+        self.samples_seen += len(labels) * self.world      # every rank's equal share
         self._micro_done += 1
         return last
 
@@ -330,6 +358,7 @@ class Trainer:
         if self.ema:
             self.ema.update_parameters(self.raw_model)
         self.global_step += 1
+        self.note_samples(self._order[self.batch_in_epoch:self.batch_in_epoch + self._micro_done])
         self.batch_in_epoch += self._micro_done
         if self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch += 1
@@ -337,6 +366,13 @@ class Trainer:
             self.pending_eval = True
         if self.global_step % self.recipe.train.log_every_steps == 0 or self.pending_eval:
             self.log_train()
+
+    def note_samples(self, micro_batches):
+        """Fold the sample ids of one step (every rank's shares) into `samples_digest`."""
+        digest = hashlib.sha256(self.samples_digest.encode())
+        for batch in micro_batches:
+            digest.update(np.asarray(batch, dtype=np.int64).tobytes())
+        self.samples_digest = digest.hexdigest()[:16]
 
     def log_train(self):
         """Reads the running loss (one host sync per log interval, not per step)."""

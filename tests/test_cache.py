@@ -166,7 +166,7 @@ def test_cache_without_a_whole_manifest_is_refused(data, tmp_path):
     manifest.unlink()
     with pytest.raises(UserError, match="no complete cache"):
         open_cache(folder, data, 16)
-    # A cache of rcic 0.1.0, whose manifest had a checkpoint's name: named as such.
+    # A cache of rcic 0.1.0 or older, whose manifest had a checkpoint's name: named as such.
     (folder / "MANIFEST.json").write_text(text)
     with pytest.raises(UserError, match="built by an older rcic, which named it MANIFEST.json"):
         open_cache(folder, data, 16)

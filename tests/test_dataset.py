@@ -1,5 +1,6 @@
 """Dataset, sampler and normalisation: reproducible whatever the worker count, resumable."""
 import numpy as np
+import pytest
 import torch
 
 from rcic.config import Recipe
@@ -61,10 +62,18 @@ def test_plate_batches_hold_one_plate_and_shard_evenly():
     groups = np.repeat(np.arange(5), 9)
     for batch in EpochBatchSampler(len(groups), 4, seed=0, epoch=0, groups=groups):
         assert len({groups[i] for _, i in batch}) == 1
-    ranks = [list(EpochBatchSampler(45, 4, 0, 0, world=2, rank=r)) for r in (0, 1)]
-    assert len(ranks[0]) == len(ranks[1]) == 5
-    seen = [i for r in ranks for b in r for _, i in b]
-    assert len(seen) == len(set(seen))
+    # Two processes share every micro-batch: together they draw exactly what one process draws,
+    # micro-batch by micro-batch, whatever the number of processes.
+    one = list(EpochBatchSampler(45, 4, 0, 0, groups=groups))
+    for world in (2, 4):
+        ranks = [list(EpochBatchSampler(45, 4, 0, 0, groups=groups, world=world, rank=r))
+                 for r in range(world)]
+        assert all(len(r) == len(one) == 10 for r in ranks)
+        for k, batch in enumerate(one):
+            assert sorted(i for r in ranks for _, i in r[k]) == sorted(i for _, i in batch)
+            assert all(len(r[k]) == 4 // world for r in ranks)
+    with pytest.raises(ValueError, match="3 processes cannot share micro-batches of 4"):
+        EpochBatchSampler(45, 4, 0, 0, world=3, rank=0)
 
 
 def test_plate_batches_are_those_of_the_plain_per_group_definition():

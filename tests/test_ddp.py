@@ -28,9 +28,9 @@ def test_two_processes_train_stop_and_resume_exactly(tiny_data, tmp_path):
     whole = ddp_stage(tiny_data, tmp_path / "whole")
     assert whole["done"] is True
     ran_to_its_own_stop(whole, "done")
-    # Each rank takes every other batch: half the optimizer steps of one process.
+    # Each rank takes half of every micro-batch: the optimizer steps of one process.
     train_sites = len(RxRx1(tiny_data).split_sites()[0])
-    assert whole["total_steps"] == 2 * ((train_sites // 4) // 2)      # 2 epochs of batch 4
+    assert whole["total_steps"] == 2 * (train_sites // 4)      # 2 epochs of micro-batches of 4
     split = tmp_path / "split"
     first = ddp_stage(tiny_data, split, "--steps", "2")
     assert first["done"] is False and first["global_step"] == 2

@@ -187,7 +187,7 @@ def test_output_downloads_files_and_log_beside_each_kernel(server, cli, tmp_path
 def test_publish_bundle_creates_the_dataset_then_adds_versions(server, cli, tmp_path):
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    for name in ("rcic-0.1.0-py3-none-any.whl", "efficientnet_pytorch-0.7.1-py3-none-any.whl"):
+    for name in ("rcic-0.2.0-py3-none-any.whl", "efficientnet_pytorch-0.7.1-py3-none-any.whl"):
         (bundle / name).write_bytes(b"wheel " + name.encode())
     template = json.loads((Path(__file__).resolve().parent.parent
                            / "dataset-metadata.json").read_text())
@@ -210,9 +210,9 @@ def test_publish_bundle_creates_the_dataset_then_adds_versions(server, cli, tmp_
                                                                           True)
     assert create["title"] == template["title"] and create["licenseName"] == "other"
     assert sorted(f["token"] for f in create["files"]) == [
-        "token-efficientnet_pytorch-0.7.1-py3-none-any.whl", "token-rcic-0.1.0-py3-none-any.whl"]
+        "token-efficientnet_pytorch-0.7.1-py3-none-any.whl", "token-rcic-0.2.0-py3-none-any.whl"]
     uploads = {m: b for m, b in server.requests if m.startswith("PUT ")}
-    assert uploads["PUT /upload/rcic-0.1.0-py3-none-any.whl"] == b"wheel rcic-0.1.0-py3-none-any.whl"
+    assert uploads["PUT /upload/rcic-0.2.0-py3-none-any.whl"] == b"wheel rcic-0.2.0-py3-none-any.whl"
     assert "created" in result.stdout
 
     exists["value"] = True

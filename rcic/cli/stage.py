@@ -33,7 +33,13 @@ def parser():
                    help="stop this stage after N optimizer steps even if budget is left")
     p.add_argument("--gpus", type=int, default=1,
                    help="train with DistributedDataParallel, one process per GPU (on a CPU-only "
-                        "machine: that many gloo processes)")
+                        "machine: that many gloo processes); on each machine with --nnodes")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="machines training this stage together (each runs rcic-stage with its "
+                        "own --node-rank and the same --rdzv-endpoint)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nnodes-1")
+    p.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
+                   help="machine 0's address and a free port, where the machines meet")
     p.add_argument("--quiet", action="store_true", help="only warnings on the console")
     return p
 
@@ -51,7 +57,8 @@ class StageArgs:
         self.roots = list(args.resume_from) if args.resume_from is not None else (
             [KAGGLE_INPUT] if KAGGLE_INPUT.is_dir() else [])
         self.steps, self.quiet = args.steps, args.quiet
-        self.processes = Processes(gpus=args.gpus)
+        self.processes = Processes(gpus=args.gpus, nnodes=args.nnodes, node_rank=args.node_rank,
+                                   rdzv_endpoint=args.rdzv_endpoint)
 
 
 def run(argv):

@@ -33,8 +33,9 @@ def work(recipe, data_root, out, budget, resume_roots, max_steps=0, quiet=False,
 
 def run(request, reporter):
     recipe = load_recipe(request.recipe_file)
+    world = int(os.environ.get("WORLD_SIZE", "1"))      # torchrun's, in every rank
     return work(recipe, request.data, request.out,
-                stage_budget(request.budget_seconds, request.start), request.resume_roots,
+                stage_budget(request.budget_seconds, request.start, world), request.resume_roots,
                 request.max_steps, request.quiet, reporter)
 
 

@@ -149,18 +149,25 @@ class Normalizer(torch.nn.Module):
 
 
 class EpochBatchSampler(Sampler):
-    """Batches of (epoch, index) keys for one epoch, starting at batch `start`.
+    """Micro-batches of (epoch, index) keys for one epoch, starting at micro-batch `start`.
 
-    The order is a pure function of (seed, epoch), so a stage that stopped after batch k of
-    an epoch resumes with batch k+1 of the very same order. With `groups` (e.g. plate ids),
-    every batch is drawn from a single group (AdaBN-style plate batches).
+    The order is a pure function of (seed, epoch), so a stage that stopped after micro-batch k
+    of an epoch resumes with micro-batch k+1 of the very same order. With `groups` (e.g. plate
+    ids), every micro-batch is drawn from a single group (AdaBN-style plate batches).
+
+    The micro-batches are the recipe's, whatever the number of processes: with `world` of them,
+    rank r takes the r-th of `world` equal shares of every micro-batch (`world` must divide
+    `batch_size`). So a position in the epoch means the same samples on 1, 2 or N processes, and
+    a checkpoint resumes on any of them at the next unseen sample.
     """
 
     def __init__(self, n, batch_size, seed, epoch, start=0, groups=None, world=1, rank=0,
                  limit=None):
+        if batch_size % world:
+            raise ValueError(f"{world} processes cannot share micro-batches of {batch_size}")
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.start, self.groups, self.world, self.rank = start, groups, world, rank
-        self.limit = limit            # at most this many batches per rank (a fixed epoch length)
+        self.limit = limit            # at most this many micro-batches (a fixed epoch length)
         self.batches = self._epoch_batches()
 
     def _epoch_batches(self):
@@ -181,17 +188,15 @@ class EpochBatchSampler(Sampler):
                 batches += [members[i:i + self.batch_size]
                             for i in range(0, len(members) - self.batch_size + 1, self.batch_size)]
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        # Each rank takes every world-th batch; all ranks see the same number of batches, so
-        # no rank can run a step the others do not (a collective would hang).
-        usable = len(batches) - len(batches) % self.world
-        return [batches[i] for i in range(self.rank, usable, self.world)][:self.limit]
+        return batches[:self.limit]
 
     def __len__(self):
         return max(0, len(self.batches) - self.start)
 
     def __iter__(self):
+        share = self.batch_size // self.world
         for batch in self.batches[self.start:]:
-            yield [(self.epoch, int(i)) for i in batch]
+            yield [(self.epoch, int(i)) for i in batch[self.rank * share:(self.rank + 1) * share]]
 
 
 def ignore_stop_signals(_worker_id):
