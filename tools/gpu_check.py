@@ -39,6 +39,8 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rcic.kaggle.session import GPU_CPU_LIMIT_SECONDS, default_budget_seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ["env", "tests", "data", "step", "loader", "stage"]
 TOTAL_CAP = 480          # seconds: the sum of the GPU plan's caps must stay inside 8 minutes
@@ -51,7 +53,10 @@ PEAK_FP16_TFLOPS = [
     (r"V100", 125.0), (r"\bT4\b", 65.0),
 ]
 KAGGLE_T4_TFLOPS, KAGGLE_GPUS = 65.0, 2        # Kaggle's NvidiaTeslaT4 machine: two T4s
-KAGGLE_WEEKLY_HOURS, KAGGLE_STAGE_HOURS = 30.0, 8.5
+KAGGLE_WEEKLY_HOURS = 30.0
+# The stage budget rcic-chain init derives for a 12-hour T4 x2 session, for a model of about
+# DenseNet201's size with its heads (20 million parameters: what Kaggle saves after a stage).
+KAGGLE_STAGE_HOURS = default_budget_seconds(GPU_CPU_LIMIT_SECONDS, 20_000_000) / 3600
 
 # RxRx1 as shipped: 36,515 train.csv wells, about 4,092 train and 2,232 test control wells,
 # two sites each. A recipe with use_controls and use_test_controls trains on all of them.
