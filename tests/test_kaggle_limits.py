@@ -1,5 +1,6 @@
 """The dry run holds Kaggle's limits: a kernel that leaves more than the output cap in its
 working folder, or reaches for the network with the internet off, fails it with one line."""
+import os
 import socket
 import threading
 
@@ -104,3 +105,25 @@ def test_output_limit_sizes_and_bad_input(capsys):
     assert main(["local", "--stages", "1", "--budget", "1m", "--output-limit", "lots"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--output-limit 'lots' is not a size" in err
+
+
+def test_where_the_os_refuses_a_namespace_the_run_says_so_once_and_goes_on(tmp_path, tiny_data,
+                                                                          monkeypatch):
+    # Refused as a container without the right to make namespaces refuses it: an `unshare`
+    # that fails the way util-linux's does there.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "unshare").write_text("#!/bin/sh\n"
+                                  "echo 'unshare: unshare failed: Operation not permitted' >&2\n"
+                                  "exit 1\n")
+    (fake / "unshare").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    lines = []
+    results = run_chain(one_stage_chain(tmp_path, "print('ran')\n"), tmp_path / "runs", tiny_data,
+                        None, 60.0, echo=lines.append)
+    notices = [line for line in lines if "notice" in line]
+    assert notices == ["rcic-chain local: notice: the OS refused a network namespace (unshare: "
+                       "unshare failed: Operation not permitted): kernels with the internet off "
+                       "run with the network here"]
+    assert results[0]["status"] == 0 and not any("no network" in line for line in lines)
+    assert "ran" in (tmp_path / "runs" / "stage-01" / "kernel.log").read_text()
