@@ -340,10 +340,12 @@ class Stage:
             step = micro * trainer.accum
             parts = f" ({trainer.accum} micro-batches of ~{micro:.0f} s)" if trainer.accum > 1 else ""
             # The budget must hold what start-up took, a step and a save.
-            work = self.costs["startup_seconds"] + step + self.times.estimate("save")
+            save = self.times.estimate("save")
+            work = self.costs["startup_seconds"] + step + save
             raise UserError(stage_report.too_short(
                 self.recipe.name, self.budget.seconds,
-                f"one optimizer step takes about {step:.0f} s{parts}", work))
+                f"after {self.costs['startup_seconds']:.0f} s of start-up, one optimizer step "
+                f"takes about {step:.0f} s{parts} and a save about {save:.0f} s", work))
         self.stopped_by = "budget"
         log.info("stopped before the end of step %d: the rest of it no longer fits in the budget",
                  trainer.global_step + 1)

@@ -354,9 +354,10 @@ def budget_folders(tmp_path_factory):
 @pytest.mark.parametrize("kind, budget", budget_plan())
 def test_a_stage_never_exits_after_its_budget(tiny_data, budget_folders, reference, kind, budget):
     if budget is None:
-        # Room for start-up (a loaded machine stretches it) and a few steps with their saves.
+        # Room for start-up (a loaded machine stretches it; resnet50's is longer than the
+        # reference's) and a few steps with their saves (the first save is guessed at ~7 s).
         startup = json.loads((reference.outs[0] / "stage.json").read_text())["costs"]["startup_seconds"]
-        budget = max(20.0, round(2 * startup + 12))
+        budget = max(30.0, round(3 * startup + 20))
     out = budget_folders[kind]
     cmd = stage_cmd(tiny_data, out, None, 0, BUDGET_KINDS[kind], budget=f"{budget}s")
     started = time.monotonic()

@@ -322,7 +322,8 @@ def test_a_step_longer_than_the_whole_budget(tiny_data, tmp_path, budget):
     lines = error_lines(run.err)         # what a person reads: progress bars are not lines
     assert run.proc.returncode == 2 and len(lines) == 1, run.err[-2000:]
     assert lines[0].startswith(f"rcic-stage: error: budget {format_duration(budget)} is too short "
-                               f"for recipe tiny-cpu here: one optimizer step takes about ")
+                               f"for recipe tiny-cpu here: after ")
+    assert " of start-up, one optimizer step takes about " in lines[0]
     assert "(8 micro-batches of ~" in lines[0] and "give it at least" in lines[0]
     assert "nothing was committed" not in lines[0]        # the stage's own line, not the kill's
     after = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
