@@ -4,10 +4,12 @@ OpenCV's own (or libpng's) on the console from verify, a stage or a prediction.
 The copies are made from the tiny session data: PNGs replaced (never written through: the
 copies are hard links), each damaged in one known way.
 """
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,7 +22,7 @@ from rcic.data.layout import RxRx1
 
 PLATE = "train/HUVEC-01/Plate1"
 TRUNCATED, EMPTY, GARBAGE, CHANGED = (f"{PLATE}/G02_s1_w{c}.png" for c in (1, 2, 3, 4))
-DEEP, ODD_SIZE, MISSING = f"{PLATE}/G02_s2_w1.png", f"{PLATE}/G02_s2_w2.png", f"{PLATE}/G02_s2_w3.png"
+DEEP, ODD_SIZE, MISSING = (f"{PLATE}/G02_s2_w{c}.png" for c in (1, 2, 3))
 TEST_GARBAGE = "test/HUVEC-03/Plate1/H02_s1_w1.png"     # a test treatment well: predicted
 # What OpenCV and libpng print themselves, e.g. "[ WARN:0@1.778] global grfmt_png.cpp:855 ..."
 FOREIGN = ("[ WARN", "[ERROR", "grfmt_png", "libpng")
@@ -263,3 +265,28 @@ def test_opencv_prints_nothing_once_rcic_has_imported_it(tmp_path):
     assert loud.stdout.strip() == quiet.stdout.strip() == "None"
     assert "grfmt_png" in loud.stderr                 # what the setting is for
     assert quiet.stderr == "", quiet.stderr
+
+
+def readme_block(after, language):
+    """The first ```language block of README.md after the line `after`."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    return text.split(after, 1)[1].split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_manifest_kernel_writes_the_manifest(tiny_data, manifest, tmp_path):
+    """The README's one-off Kaggle kernel, run as Kaggle would (its inputs under an input
+    folder, rcic already installed): it writes the same manifest as rcic-data manifest."""
+    heading = "## Checking a copy of the data"
+    script = tmp_path / "manifest_kernel.py"
+    script.write_text(readme_block(heading, "python"))
+    metadata = json.loads(readme_block(heading, "json"))
+    assert metadata["code_file"] == script.name and metadata["enable_internet"] is False
+    competition = tmp_path / "input" / "competitions" / metadata["competition_sources"][0]
+    shutil.copytree(tiny_data, competition, copy_function=os.link)
+    (tmp_path / "working").mkdir()
+    env = {**os.environ, "RCIC_SKIP_INSTALL": "1", "RCIC_KAGGLE_INPUT": str(tmp_path / "input"),
+           "RCIC_KAGGLE_WORKING": str(tmp_path / "working")}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "working" / "rxrx1-manifest.csv").read_bytes() == manifest.read_bytes()

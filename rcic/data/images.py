@@ -47,7 +47,8 @@ def png_problem(data):
 
     Walks the chunks: the signature, IHDR first, every chunk inside the file and passing its
     CRC, IEND reached. kind: 'empty', 'truncated' (the file ends inside a chunk or before IEND)
-    or 'undecodable'. A CRC costs about 1% of a decode.
+    or 'undecodable'. The walk costs about 2% of a decode (59 us against 2.4 ms for a 512 px
+    PNG of 104 KB: BENCHMARKS.md, "Checking a copy of the data").
     """
     data = memoryview(data).cast("B")
     size = len(data)
@@ -66,7 +67,8 @@ def png_problem(data):
         name = kind.decode("ascii")
         end = pos + 12 + length
         if end > size:
-            return "truncated", f"ends after {size} bytes, inside chunk {name} (which ends at byte {end})"
+            return "truncated", (f"ends after {size} bytes, inside chunk {name} (which ends at "
+                                 f"byte {end})")
         if zlib.crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
             return "undecodable", f"chunk {name} at byte {pos} fails its CRC"
         if kind == b"IEND":
