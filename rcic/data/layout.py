@@ -5,6 +5,7 @@ user learns about the missing column *and* the 300 missing PNGs before any train
 Images are checked as cheaply as that allows at 750,000 files: one directory listing a plate
 folder finds every missing file, and the headers of a sample find a wrong format or size; a
 file that is present but broken outside the sample fails when it is read, naming the file.
+`rcic-data verify` (rcic/data/verify.py) reads every file, to name all the broken ones at once.
 """
 import math
 import os

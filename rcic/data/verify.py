@@ -93,12 +93,16 @@ def inspect_all(root, files, decode, expected, workers, desc, show_progress):
         return [inspect(root / name, decode(name), expected.get(name)) for name in names]
 
     done = [None] * len(batches)
-    with progress_bar(len(files), unit="file", desc=desc, disable=not show_progress) as bar, \
-            ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        jobs = {pool.submit(batch, names): k for k, names in enumerate(batches)}
-        for job in as_completed(jobs):
-            done[jobs[job]] = job.result()
-            bar.update(len(batches[jobs[job]]))
+    pool = ThreadPoolExecutor(workers or os.cpu_count())
+    try:
+        with progress_bar(len(files), unit="file", desc=desc, disable=not show_progress) as bar:
+            jobs = {pool.submit(batch, names): k for k, names in enumerate(batches)}
+            for job in as_completed(jobs):
+                done[jobs[job]] = job.result()
+                bar.update(len(batches[jobs[job]]))
+    finally:
+        # On Ctrl-C, wait for the batches under way only, not for the thousands queued.
+        pool.shutdown(cancel_futures=True)
     return pd.DataFrame([dict(found, file=name) for part, names in zip(done, batches)
                          for found, name in zip(part, names)],
                         columns=["file", "problem", "detail", *MANIFEST_COLUMNS[1:]])
