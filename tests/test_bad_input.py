@@ -464,6 +464,7 @@ INSTALLED = [
      "id_code,sirna"),
     ("rcic-chain", lambda ws: ["plan", "--samples-per-second", "1", "--budget", "0s"],
      "not a duration"),
+    ("rcic-data", lambda ws: ["verify", "--data", str(ws.root / "nope")], "does not exist"),
 ]
 
 
