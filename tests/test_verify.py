@@ -172,8 +172,13 @@ def test_a_changed_csv_and_a_foreign_manifest(four, manifest, tmp_path, capfd):
     status, _, _, report = run_verify(capfd, tmp_path, "--data", str(copy), "--manifest",
                                       str(manifest))
     assert status == 2 and report["test_controls.csv"] == "differs"
-    foreign = tmp_path / "foreign.csv"
     rows = pd.read_csv(manifest)
+    shorter = tmp_path / "shorter.csv"
+    rows[rows["file"] != DEEP].to_csv(shorter, index=False)
+    status, _, _, report = run_verify(capfd, tmp_path, "--data", str(copy), "--manifest",
+                                      str(shorter))
+    assert status == 2 and report[DEEP] == "not in manifest"
+    foreign = tmp_path / "foreign.csv"
     rows.assign(file="x/" + rows["file"]).to_csv(foreign, index=False)
     status, _, err, _ = run_verify(capfd, tmp_path, "--data", str(copy), "--manifest",
                                    str(foreign))

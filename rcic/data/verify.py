@@ -63,25 +63,40 @@ def inspect(path, decode, expected=None):
     found = {"problem": None, "detail": "", "bytes": len(data), "crc32": zlib.crc32(data)}
     if expected is not None:
         if (found["bytes"], found["crc32"]) == (expected["bytes"], expected["crc32"]):
-            return found
-        decode = decode or pd.notna(expected["height"])
+            return found                       # the original's bytes: nothing to decode
+        return differs(found, data, expected)
     if decode:
-        img, problem = decode_png_bytes(data)
-        if problem is not None:
-            found["problem"], found["detail"] = problem
-        else:
-            found["height"], found["width"] = img.shape
-    if expected is not None and found["problem"] is None:
-        shape = (found.get("height"), found.get("width"))
-        if pd.notna(expected["height"]) and shape != (expected["height"], expected["width"]):
-            found["problem"] = "wrong size"
-            found["detail"] = (f"{shape[1]}x{shape[0]}, the manifest's "
-                               f"{expected['width']:.0f}x{expected['height']:.0f}")
-        else:
-            found["problem"] = "differs"
-            found["detail"] = (f"{'decodes, but ' if decode else ''}{found['bytes']} bytes "
-                               f"with CRC-32 {found['crc32']:08x}, the manifest's "
-                               f"{expected['bytes']} bytes with {expected['crc32']:08x}")
+        decoded(found, data)
+    return found
+
+
+def decoded(found, data):
+    """Decode a PNG's bytes as training does: its problem, or its height and width."""
+    img, problem = decode_png_bytes(data)
+    if problem is not None:
+        found["problem"], found["detail"] = problem
+    else:
+        found["height"], found["width"] = img.shape
+
+
+def differs(found, data, expected):
+    """A file whose bytes are not the manifest's: how it is broken, else how it differs."""
+    png = pd.notna(expected["height"])         # the manifest gives a PNG its size, a CSV none
+    if png:
+        decoded(found, data)
+    if found["problem"] is not None:
+        return found
+    shape = (found.get("height"), found.get("width"))
+    original = (expected["height"], expected["width"])
+    if png and shape != original:
+        found["problem"] = "wrong size"
+        found["detail"] = (f"{shape[1]}x{shape[0]}, the manifest's "
+                           f"{original[1]:.0f}x{original[0]:.0f}")
+    else:
+        found["problem"] = "differs"
+        found["detail"] = (f"{'decodes, but ' if png else ''}{found['bytes']} bytes with CRC-32 "
+                           f"{found['crc32']:08x}, the manifest's {expected['bytes']} bytes "
+                           f"with {expected['crc32']:08x}")
     return found
 
 
@@ -137,11 +152,11 @@ def verify(data, manifest=None, workers=None, progress=True):
         expected = {row["file"]: row for row in rows.to_dict("records")}
     # The manifest's own files first (also those the copy's CSVs no longer imply), then the
     # files of the copy it does not list: those get the decode check.
-    files = list(expected) + [f for f in csvs + pngs if f not in expected]
-    is_png = set(pngs) | {f for f in expected if f.endswith(".png")}
-    found = inspect_all(data.root, files, lambda f: f in is_png and f not in expected,
-                        expected, workers, "rcic-data verify", progress)
-    unlisted = found["file"].isin(set(files) - set(expected))
+    unlisted = [f for f in csvs + pngs if f not in expected]
+    to_decode = set(pngs) - set(expected)
+    found = inspect_all(data.root, list(expected) + unlisted, to_decode.__contains__, expected,
+                        workers, "rcic-data verify", progress)
+    unlisted = found["file"].isin(unlisted)
     checked = odd_sizes(found[unlisted].copy())
     found.loc[unlisted, ["problem", "detail"]] = checked[["problem", "detail"]]
     if expected:
