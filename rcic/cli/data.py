@@ -54,10 +54,11 @@ def run(argv):
         print(f"rcic-data: manifest of {data.root} in {args.out}", file=sys.stderr)
         return 0
     problems = verify.verify(data, args.manifest, args.workers, not args.quiet)
+    if len(problems):
+        print("\n".join(verify.table(problems)))      # first: a report that fails loses nothing
     verify.write_report(problems, args.report)
     check_kind = "manifest check" if args.manifest else "decode check"
     if len(problems):
-        print("\n".join(verify.table(problems)))
         raise UserError(f"{len(problems)} damaged file(s) in {data.root} (listed above and in "
                         f"{args.report}): {verify.FROM_KAGGLE}, then rerun rcic-data verify")
     print(f"rcic-data: every file of {data.root} is whole ({check_kind})", file=sys.stderr)
