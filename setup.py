@@ -49,6 +49,7 @@ setup(
         "console_scripts": [
             "rcic-synth=rcic.cli.synth:main",
             "rcic-cache=rcic.cli.cache:main",
+            "rcic-data=rcic.cli.data:main",
             "rcic-stage=rcic.cli.stage:main",
             "rcic-predict=rcic.cli.predict:main",
             "rcic-submission=rcic.cli.submission:main",

@@ -302,6 +302,7 @@ ERR = "error"          # exit 2, one line holding every needle
 LATE = "late error"    # found only while working: exit 2, the error last, after log lines
 OK = "ok"              # exit 0 on purpose; every needle in the stderr lines (if any)
 DATA_FIX = "Restore the missing or broken images"
+VERIFY_FIX = "run `rcic-data verify --data"
 
 
 # (input, script, outcome, needles[, marks])
@@ -311,16 +312,16 @@ CASES = [
       for inp in ["missing data folder"]
       for s in ["rcic-cache", "rcic-stage", "rcic-predict", "rcic-chain plan"]],
     ("missing data folder", "rcic-submission", ERR, ["test.csv", "pass --data"]),
-    *[(inp, s, ERR, [needle, TRAIN_PNG, DATA_FIX])
+    *[(inp, s, ERR, [needle, TRAIN_PNG, DATA_FIX, VERIFY_FIX])
       for inp, needle in [("missing PNG", "is missing"), ("zero-byte PNG", "empty (0 bytes)"),
                           ("PNG that is not a PNG", "not a PNG"),
                           ("PNG of the wrong depth", "bit depth 16"),
                           ("RGB PNG", "colour type 2"), ("PNG of the wrong size", "20x20")]
       for s in ["rcic-cache", "rcic-stage", "rcic-predict"]],
     *[(inp, "rcic-chain plan", OK, []) for inp in ["missing PNG", "PNG of the wrong size"]],
-    ("PNG with a damaged body", "rcic-cache", LATE, ["cannot decode image", "restore it"]),
-    ("PNG with a damaged body", "rcic-predict", LATE, ["cannot decode image", TEST_PNG]),
-    ("PNG with a damaged body", "rcic-stage", LATE, ["cannot decode image", TRAIN_PNG]),
+    *[("PNG with a damaged body", s, LATE, ["cannot decode image", png, "truncated",
+                                            "run `rcic-data verify --data"])
+      for s, png in [("rcic-cache", "restore it"), ("rcic-predict", TEST_PNG), ("rcic-stage", TRAIN_PNG)]],
     ("recipe that is not YAML", "rcic-chain local", ERR, ["is not valid YAML"]),
     *[(inp, s, ERR, needles)
       for inp, needles in [
@@ -463,6 +464,7 @@ INSTALLED = [
      "id_code,sirna"),
     ("rcic-chain", lambda ws: ["plan", "--samples-per-second", "1", "--budget", "0s"],
      "not a duration"),
+    ("rcic-data", lambda ws: ["verify", "--data", str(ws.root / "nope")], "does not exist"),
 ]
 
 

@@ -160,7 +160,7 @@ def test_large_folders_sample_headers_and_a_broken_file_is_named_when_read(data_
     from rcic.data.images import decode_site
     monkeypatch.setattr(layout, "HEADER_SAMPLE", 60)
     data = RxRx1(data_copy)
-    expected = data._expected_files()
+    expected = data.expected_files()
     sample = layout.header_sample(expected, 60)
     assert 60 <= len(sample) <= 60 + len(expected)
     assert {folder for folder, _ in sample} == set(expected)          # every plate folder
@@ -206,7 +206,7 @@ def test_an_odd_sized_image_outside_the_header_sample_is_refused_when_read(data_
     monkeypatch.setattr(layout, "HEADER_SAMPLE", 60)
     data = RxRx1(data_copy)
     sampled = {f"{folder}/{name}" for folder, name in
-               layout.header_sample(data._expected_files(), 60)}
+               layout.header_sample(data.expected_files(), 60)}
     row = next(r for r in data.sites.itertuples(index=False)
                if str(data.paths(r)[4].relative_to(data_copy)) not in sampled)
     odd = data.paths(row)[4]

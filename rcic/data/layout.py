@@ -5,6 +5,7 @@ user learns about the missing column *and* the 300 missing PNGs before any train
 Images are checked as cheaply as that allows at 750,000 files: one directory listing a plate
 folder finds every missing file, and the headers of a sample find a wrong format or size; a
 file that is present but broken outside the sample fails when it is read, naming the file.
+`rcic-data verify` (rcic/data/verify.py) reads every file, to name all the broken ones at once.
 """
 import math
 import os
@@ -142,8 +143,9 @@ class RxRx1:
         self.image_size = None
         if check_images:
             self.image_size = self._check_images(problems)
-            problems.raise_if_any("Restore the missing or broken images (re-download, or "
-                                  "re-run rcic-synth for the embedded data).")
+            problems.raise_if_any(f"Restore the missing or broken images (re-download, or "
+                                  f"re-run rcic-synth for the embedded data); run `rcic-data "
+                                  f"verify --data {self.root}` to find every damaged file.")
 
     # -- CSVs -------------------------------------------------------------------------------
     def _read_csv(self, name, problems):
@@ -254,7 +256,7 @@ class RxRx1:
         Existence comes from one listing a plate folder, compared with the names the CSVs
         imply. The common size is the one most sampled images have: a single odd image is the
         one named, even when it happens to be read first."""
-        expected = self._expected_files()
+        expected = self.expected_files()
         present = {}                      # folder -> names in it; absent: missing or unreadable
         for folder, names in expected.items():
             try:
@@ -292,7 +294,7 @@ class RxRx1:
                     problems.add(f"{rel} is {width}x{height}, the others {size[1]}x{size[0]}")
         return size
 
-    def _expected_files(self):
+    def expected_files(self):
         """{plate folder relative to the root: its PNG names}, in the CSVs' order."""
         files = {}
         for (split, experiment, plate), part in self.sites.groupby(
