@@ -18,15 +18,24 @@ from pathlib import Path
 
 import torch
 
-# The tiny recipe most stage tests train: 16 px, batch 4, 2 epochs (16 optimizer steps).
-TINY = ["data.image_size=16", "data.batch_size=4", "train.epochs=2", "train.log_every_steps=3",
-        "train.checkpoint_every_steps=2", "data.num_workers=2"]
+def tiny(epochs=2, workers=2, checkpoint_every=2):
+    """The overrides of the tiny recipe the stage tests train: 16 px, micro-batches of 4 (8
+    optimizer steps an epoch on the tiny_data fixture), `epochs` epochs, a checkpoint every
+    `checkpoint_every` steps, `workers` DataLoader processes (0 for stages run in this process
+    or where a process count matters)."""
+    return ["data.image_size=16", "data.batch_size=4", f"train.epochs={epochs}",
+            "train.log_every_steps=3", f"train.checkpoint_every_steps={checkpoint_every}",
+            f"data.num_workers={workers}"]
 
 
-def stage_argv(data, out, *extra, budget="5m", sets=()):
-    """The rcic-stage arguments of `stage` and `stage_here`."""
+TINY = tiny()       # 16 optimizer steps in all
+
+
+def stage_argv(data, out, *extra, budget="5m", sets=(), recipe=TINY):
+    """The one way the tests spell rcic-stage's arguments: `recipe` (overrides of the tiny
+    recipe by default), then `sets` over it, then `extra` options."""
     return ["--data", str(data), "--out", str(out), "--budget", budget, "--quiet",
-            "--set", *TINY, *sets, *extra]
+            "--set", *recipe, *sets, *map(str, extra)]
 
 
 def stage(data, out, *extra, budget="5m", sets=(), check=True):

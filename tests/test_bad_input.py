@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from faults.harness import error_lines, on_its_own_line, snapshot
-from helpers import run_main, stage_main_here
+from helpers import run_main, stage_argv, stage_main_here, tiny
 from rcic.checkpoint import find_checkpoints
 from rcic.cli import cache, chain, predict, submission, synth
 
@@ -32,7 +32,7 @@ MAINS = {"rcic-synth": synth.main, "rcic-cache": cache.main, "rcic-stage": stage
          "rcic-predict": predict.main, "rcic-submission": submission.main,
          "rcic-chain": chain.main}
 # Loader workers 0: stages run inside this test process. 8 steps in all.
-TINY = ["data.image_size=16", "data.batch_size=4", "train.epochs=1", "data.num_workers=0"]
+TINY = tiny(epochs=1, workers=0)
 TRAIN_PNG = "train/HUVEC-01/Plate1/G02_s1_w1.png"     # a training (not validation) image
 TEST_PNG = "test/HUVEC-03/Plate1/H02_s1_w1.png"       # a test treatment well: predicted
 
@@ -44,9 +44,8 @@ def world(tiny_data, tmp_path_factory):
     """Earlier results a bad command must leave alone: an unfinished stage (2 of 8 steps),
     a valid submission and a complete cache, all made by the real commands."""
     root = tmp_path_factory.mktemp("world")
-    assert call("rcic-stage", ["--data", str(tiny_data), "--out", str(root / "stage"),
-                               "--budget", "10h", "--quiet", "--resume-from", "--steps", "2",
-                               "--set", *TINY])[0] == 0
+    assert call("rcic-stage", stage_argv(tiny_data, root / "stage", "--resume-from", "--steps", 2,
+                                         budget="10h", recipe=TINY))[0] == 0
     assert call("rcic-predict", ["--data", str(tiny_data), "--checkpoint", str(root / "stage"),
                                  "--out", str(root / "submission.csv"), "--tta", "1"])[0] == 0
     assert call("rcic-cache", ["--data", str(tiny_data), "--out", str(root / "cache"),
@@ -273,8 +272,8 @@ def argv_for(script, ws, recipe_needed=False):
     if script == "rcic-stage":
         resume = [str(p["resume"])] if "resume" in p else []
         out = p.get("out", ws.root / ("new-stage" if resume or recipe else "stage"))
-        return ["--data", str(ws.data), "--out", str(out), "--budget", p.get("budget", "10h"),
-                "--quiet", "--resume-from", *resume, *recipe, "--set", *TINY, *p.get("sets", [])]
+        return stage_argv(ws.data, out, "--resume-from", *resume, *recipe,
+                          budget=p.get("budget", "10h"), recipe=TINY, sets=p.get("sets", []))
     if script == "rcic-predict":
         return ["--data", str(ws.data), "--checkpoint", str(p.get("resume", ws.root / "stage")),
                 "--out", str(p.get("out", ws.root / "submission.csv")), "--tta", "1"]

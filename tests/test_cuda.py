@@ -16,7 +16,7 @@ from rcic.config import ModelConfig, OptimConfig
 from rcic.models import create_loss, create_model
 from rcic.optim import OPTIMIZERS, create_optimizer, parameter_groups
 
-from helpers import TINY, assert_same_weights
+from helpers import assert_same_weights, stage_argv
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -28,8 +28,7 @@ def deterministic_stage(data, out, *extra, ranks=1, share_gpu=False):
     processes. share_gpu: every rank on GPU 0 over gloo (`train.ddp_backend=gloo`; NCCL refuses
     two ranks on one GPU). stage.json's `runtime` shows the worker ran as asked."""
     sets = ["train.deterministic=true", *(["train.ddp_backend=gloo"] if share_gpu else [])]
-    cmd = ["rcic-stage", "--data", str(data), "--out", str(out), "--budget", "5m", "--quiet",
-           f"--gpus={ranks}", *extra, "--set", *TINY, *sets]
+    cmd = ["rcic-stage", *stage_argv(data, out, f"--gpus={ranks}", *extra, sets=sets)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "stage.json").read_text())
@@ -169,9 +168,9 @@ def test_budget_holds_with_cuda_work_in_flight(tiny_data, tmp_path):
     timed from outside: the process ends inside its budget."""
     budget = 20
     out = tmp_path / "budget"
-    cmd = ["rcic-stage", "--data", str(tiny_data), "--out", str(out), "--budget", f"{budget}s",
-           "--quiet", "--set", *TINY, "model.backbone=resnet50", "data.image_size=96",
-           "data.batch_size=32", "train.epochs=1000", "train.checkpoint_every_steps=20"]
+    cmd = ["rcic-stage", *stage_argv(tiny_data, out, budget=f"{budget}s", sets=[
+        "model.backbone=resnet50", "data.image_size=96", "data.batch_size=32",
+        "train.epochs=1000", "train.checkpoint_every_steps=20"])]
     started = time.monotonic()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=budget + 60)
     elapsed = time.monotonic() - started

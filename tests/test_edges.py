@@ -8,13 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import tiny
 from rcic.data.layout import RxRx1
 from rcic.data.synthetic import SynthSpec, generate
 from rcic.errors import UserError
 from rcic.plates import PlateStructure, plate_step
 from rcic.submission import check_submission
 
-TINY_SETS = ["data.image_size=16", "data.batch_size=4", "train.epochs=1", "data.num_workers=0"]
+TINY_SETS = tiny(epochs=1, workers=0)
 
 
 def command(*args, cwd):

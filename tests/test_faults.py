@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from faults.harness import error_lines, reap, run_and_kill, run_ok, snapshot
-from helpers import assert_same_weights, run_main, stage_main_here
+from helpers import assert_same_weights, run_main, stage_argv, stage_main_here, tiny
 from rcic.checkpoint import find_checkpoints
 from rcic.cli import cache, predict, submission
 
@@ -46,16 +46,14 @@ N_BUDGET = int(os.environ.get("RCIC_BUDGET_TRIALS", "12"))
 STAGE_MODES = ["random", "ckpt-write", "ckpt-prune", "weights"]
 
 # 16 optimizer steps in all; checkpoints after every step so that kills often land in saves.
-TINY = ["data.image_size=16", "data.batch_size=4", "train.epochs=2", "train.log_every_steps=3",
-        "train.checkpoint_every_steps=1", "data.num_workers=2"]
+TINY = tiny(checkpoint_every=1)
 STEPS = [5, 5, 0]          # the chain: 5 steps, 5 more, then to the end
 RESULTS = []               # every trial of this session, for the report (RCIC_FAULT_REPORT)
 
 
 def stage_cmd(data, out, previous, steps, sets, budget="10m"):
-    return ["rcic-stage", "--data", str(data), "--out", str(out), "--budget", budget, "--quiet",
-            "--resume-from", *([str(previous)] if previous else []), "--steps", str(steps),
-            "--set", *sets]
+    return ["rcic-stage", *stage_argv(data, out, "--resume-from", *([previous] if previous else []),
+                                      "--steps", steps, budget=budget, recipe=sets)]
 
 
 def cache_cmd(data, out):

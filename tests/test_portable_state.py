@@ -14,7 +14,7 @@ import torch
 from rcic import versions
 from rcic.portable import check_portable
 from test_pseudo import PSEUDO
-from helpers import TINY, stage, stage_here
+from helpers import stage, stage_argv, stage_here
 
 NOTICE = "the continuation is exact only up to those differences"
 OTHER_PYTHON = os.environ.get("RCIC_OTHER_PYTHON")
@@ -62,8 +62,8 @@ def test_the_manifest_records_the_versions_and_a_resume_under_others_says_so_onc
 
 def other_stage(data, out, steps):
     """rcic-stage of the other CI environment, same recipe as test_stage's `stage`."""
-    cmd = [str(Path(OTHER_PYTHON).parent / "rcic-stage"), "--data", str(data), "--out", str(out),
-           "--budget", "5m", "--quiet", "--set", *TINY, *PSEUDO, "--steps", str(steps)]
+    cmd = [str(Path(OTHER_PYTHON).parent / "rcic-stage"),
+           *stage_argv(data, out, "--steps", steps, sets=PSEUDO)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     return result

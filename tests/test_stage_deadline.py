@@ -22,18 +22,16 @@ import pytest
 import torch
 
 from faults.harness import error_lines
-from helpers import assert_same_weights, patched_env
-from rcic.budget import Interrupted
+from helpers import assert_same_weights, patched_env, stage_argv, tiny
+from rcic.budget import Interrupted, format_duration
 from rcic.checkpoint import find_checkpoints
 from rcic.cli.common import open_data
 from rcic.config import load_recipe
 from rcic.data.synthetic import SynthSpec, generate
-from rcic.budget import format_duration
 from rcic.train import Trainer
 
 # 8 steps an epoch, 24 in all; a checkpoint every 2 steps; two loader workers.
-TINY = ["data.image_size=16", "data.batch_size=4", "train.epochs=3", "train.log_every_steps=3",
-        "train.checkpoint_every_steps=2", "data.num_workers=2"]
+TINY = tiny(epochs=3)
 
 
 # ------------------------------------------------------------------ in process
@@ -119,8 +117,7 @@ def test_an_interrupted_pseudo_label_pass_changes_nothing(tiny_data):
 # ------------------------------------------------------------------ as a user runs it
 
 def stage_cmd(data, out, budget, *sets, extra=()):
-    return ["rcic-stage", "--data", str(data), "--out", str(out), "--budget", budget, "--quiet",
-            *extra, "--set", *TINY, *sets]
+    return ["rcic-stage", *stage_argv(data, out, *extra, budget=budget, recipe=TINY, sets=sets)]
 
 
 class Run:
@@ -279,9 +276,12 @@ def test_a_loader_worker_that_hangs_forever(own_data, tmp_path, reference, budge
 
 def test_a_save_that_stalls(tiny_data, tmp_path, reference, budget):
     """The stage is frozen (SIGSTOP) while it writes a checkpoint, as a write blocked in the
-    kernel on a slow disk freezes it: its own budget checks cannot run any more."""
+    kernel on a slow disk freezes it: its own budget checks cannot run any more. Every save
+    lasts a second more (a stand-in that sleeps inside it), so the poll below catches one in
+    the act however loaded the machine."""
     out = tmp_path / "out"
-    run = Run(stage_cmd(tiny_data, out, f"{budget}s", "train.checkpoint_every_steps=1"))
+    run = Run(stage_cmd(tiny_data, out, f"{budget}s", "train.checkpoint_every_steps=1"),
+              env=patched_env(slow_checkpoint_writes=1.0))
     stage = run.stage_pid()
     assert wait_for(lambda: committed(out) or run.proc.poll() is not None, budget)
     assert run.proc.poll() is None, run.finish().err[-2000:]
@@ -295,7 +295,7 @@ def test_a_save_that_stalls(tiny_data, tmp_path, reference, budget):
         os.kill(stage, signal.SIGCONT)          # it had just finished: catch the next one
         return False
 
-    assert wait_for(caught_in_a_save, budget, poll=0.001), "no save caught in the act"
+    assert wait_for(caught_in_a_save, budget, poll=0.01), "no save caught in the act"
     run.finish()
     report = assert_killed_at_the_deadline(run, out, budget, "save")
     assert any(p.name.startswith(".tmp-ckpt-") for p in out.iterdir())   # left, and ignored

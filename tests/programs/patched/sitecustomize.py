@@ -8,6 +8,8 @@ as they are imported (no module is imported early: the supervisor still never lo
 Stand-ins (a test needs a unit of work slower than its budget on any machine, however fast):
   slow-micro-batches=S        every training micro-batch takes S seconds more
   slow-validation-batches=S   every validation batch takes S seconds more
+  slow-checkpoint-writes=S    every checkpoint's state file is written S seconds late, inside
+                              its temporary folder (a save long enough to be caught in the act)
 Mutations (tools/mutation_check.py: the tests must catch them):
   budget-always-fits          Budget.fits says yes to everything: only the supervisor's kill
                               stops a stage
@@ -38,6 +40,15 @@ def slow_validation_batches(train, seconds):
     train.Trainer._val_batches = slow_val_batches
 
 
+def slow_checkpoint_writes(checkpoint, seconds):
+    write_state = checkpoint._write_state
+
+    def slow_write_state(path, state):
+        time.sleep(seconds)
+        return write_state(path, state)
+    checkpoint._write_state = slow_write_state
+
+
 def budget_always_fits(budget, _):
     budget.Budget.fits = lambda self, seconds_needed: True
 
@@ -46,6 +57,7 @@ def budget_always_fits(budget, _):
 PATCHES = {
     "slow-micro-batches": ("rcic.train", slow_micro_batches),
     "slow-validation-batches": ("rcic.train", slow_validation_batches),
+    "slow-checkpoint-writes": ("rcic.checkpoint", slow_checkpoint_writes),
     "budget-always-fits": ("rcic.budget", budget_always_fits),
 }
 
