@@ -43,6 +43,7 @@ class ModelConfig:
     scale: float = 30.0
     arcface_weight: float = 0.5        # weight of the ArcFace loss in ce+arcface
     dropout: float = 0.0
+    activation_checkpointing: bool = False   # recompute activations in backward: less memory
 
 
 @dataclass
@@ -104,6 +105,9 @@ class Recipe:
 RUN_ONLY_FIELDS = {
     "name", "data.num_workers", "data.cache", "train.checkpoint_every_steps",
     "train.log_every_steps", "train.eval_every_steps",
+    # memory, not numbers: gradients and BatchNorm statistics equal those without it
+    # (rcic/models/checkpointing.py), so a stage may turn it on to fit a smaller GPU
+    "model.activation_checkpointing",
 }
 
 

@@ -1,0 +1,344 @@
+"""The memory plan: a recipe's per-GPU peak of one training step, computed on the CPU in seconds.
+
+    plan = plan_memory(recipe, micro_batch, gpu_bytes, gpus)
+    print("\\n".join(plan.describe()))
+
+What one GPU holds at the peak of a training step, item by item:
+- parameters and buffers, float32;
+- gradients, float32, counted as held through the whole step (they are, from the second
+  micro-batch of an accumulated step on);
+- optimizer state: two float32 copies of the parameters for Adam, AdamW and RAdam, one for SGD
+  with momentum;
+- the EMA copy of the weights, when optim.ema_decay is set;
+- DDP's gradient buckets, a second copy of the gradients, when a machine has more than one GPU;
+- the micro-batch itself: the uint8 images and their normalised float32 copy;
+- the activations kept for the backward pass, and the most the backward adds on top of them
+  (activation gradients, recomputed blocks under activation checkpointing). Both are counted,
+  not estimated: the model's real forward and backward run once on fake tensors (torch's
+  FakeTensorMode: shapes and dtypes, no data, so DenseNet201 at 512 px takes seconds), and a
+  dispatch mode adds up every storage an operation creates and every one that is freed.
+  Mixed precision (optim.amp) runs that pass under CPU autocast with float16, whose list of
+  half-precision operations (convolutions, linear layers) is CUDA's; a recipe without amp runs
+  it in float32.
+The sum is what `torch.cuda.max_memory_allocated` should report. A GPU needs more than that:
+the allowance adds ALLOCATOR_SHARE of it (the caching allocator rounds blocks up and fragments)
+and CONTEXT_BYTES (the CUDA context, cuDNN's and cuBLAS's workspaces), which the allocator's
+counters do not see. tools/gpu_memory_check.py compares the sum with the measurement on a GPU.
+
+Activations grow linearly with the micro-batch, so two passes (the recipe's micro-batch and two
+samples) give the largest micro-batch that fits, with and without activation checkpointing.
+"""
+import dataclasses
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rcic.data.layout import N_CONTROL_CLASSES, N_TREATMENTS
+
+GIB = 2**30
+# What nvidia-smi reports as the memory of one GPU (MiB), per Kaggle machine shape, and how
+# many GPUs it has. The stage runs one process per GPU.
+MACHINE_SHAPES = {"NvidiaTeslaT4": (2, 15360 * 2**20), "NvidiaTeslaP100": (1, 16280 * 2**20)}
+T4_BYTES = MACHINE_SHAPES["NvidiaTeslaT4"][1]
+ALLOCATOR_SHARE = 0.10
+CONTEXT_BYTES = 1 * GIB
+CELL_TYPES = 4                      # RxRx1's HEPG2, HUVEC, RPE, U2OS
+INPUT_BYTES_PER_PIXEL = 1 + 4       # the uint8 batch and its normalised float32 copy
+OPTIMIZER_COPIES = {"adam": 2, "adamw": 2, "radam": 2, "sgd": 1}
+
+
+def gib(n):
+    return f"{n / GIB:.2f} GiB"
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages operations create, while they are alive, and their peak.
+    Storages that exist before (parameters, gradients, the input) are passed as `known`:
+    a view of them (a transposed weight) allocates nothing."""
+
+    def __init__(self, known=()):
+        super().__init__()
+        self.sizes = {id_of(t): 0 for t in known}
+        self.alive = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t.untyped_storage())
+        self.peak = max(self.peak, self.alive)
+        return out
+
+    def track(self, storage):
+        key = storage._cdata
+        if key in self.sizes:
+            return
+        self.sizes[key] = storage.nbytes()
+        self.alive += self.sizes[key]
+        weakref.finalize(storage, self.free, key)
+
+    def free(self, key):
+        self.alive -= self.sizes.pop(key)
+
+
+def id_of(tensor):
+    return tensor.untyped_storage()._cdata
+
+
+@dataclass
+class StepMemory:
+    """Bytes of one micro-batch's forward and backward beyond the model's own tensors."""
+    micro_batch: int
+    kept: int          # alive when the forward (and the loss) is done: what backward needs
+    peak: int          # the most alive at once, forward and backward
+
+
+def planned_classes(recipe):
+    """The competition's classes for this recipe: the model's last layer is sized by them."""
+    d = recipe.data
+    return N_TREATMENTS + (N_CONTROL_CLASSES if d.use_controls or d.use_test_controls else 0)
+
+
+def measure_steps(recipe, micro_batches, checkpointing):
+    """One training micro-batch of the recipe's model on fake tensors for each micro-batch
+    size, its memory counted: a StepMemory per size."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rcic.models import create_loss, create_model
+
+    model_cfg = dataclasses.replace(recipe.model, activation_checkpointing=checkpointing)
+    size = recipe.data.image_size
+    with FakeTensorMode():
+        model = create_model(model_cfg, planned_classes(recipe), CELL_TYPES,
+                             with_pretrained=False).train()
+        criterion = create_loss(model_cfg)
+        for p in model.parameters():        # accumulating: backward adds into them
+            p.grad = torch.zeros_like(p)
+        steps = []
+        for n in micro_batches:
+            x = torch.empty(n, 6, size, size)
+            labels = torch.zeros(n, dtype=torch.long)
+            cell_type = torch.zeros(n, dtype=torch.long)
+            known = [*model.parameters(), *(p.grad for p in model.parameters()),
+                     *model.buffers(), x, labels, cell_type]
+            with LiveBytes(known) as live:
+                with torch.autocast("cpu", dtype=torch.float16, enabled=recipe.optim.amp):
+                    loss = criterion(model(x, cell_type), labels)
+                kept = live.alive
+                loss.backward()
+            steps.append(StepMemory(n, kept, live.peak))
+            del loss
+        return steps
+
+
+@dataclass
+class Line:
+    """Step memory as a + b * micro_batch, from two measured micro-batches."""
+    fixed: float
+    per_sample: float
+
+    @classmethod
+    def through(cls, m1, m2, value):
+        slope = (value(m2) - value(m1)) / (m2.micro_batch - m1.micro_batch)
+        return cls(value(m1) - slope * m1.micro_batch, slope)
+
+    def at(self, n):
+        return self.fixed + self.per_sample * n
+
+
+def model_bytes(recipe):
+    """(parameters and buffers, gradients, optimizer state, EMA) in bytes, from the model's shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rcic.models import create_model
+
+    with FakeTensorMode():
+        model = create_model(recipe.model, planned_classes(recipe), CELL_TYPES,
+                             with_pretrained=False)
+        params = sum(p.nbytes for p in model.parameters())
+        buffers = sum(b.nbytes for b in model.buffers())
+    o = recipe.optim
+    copies = OPTIMIZER_COPIES.get(o.optimizer, 2)
+    if o.optimizer == "sgd" and not o.momentum:
+        copies = 0
+    return params + buffers, params, copies * params, (params + buffers) if o.ema_decay else 0
+
+
+@dataclass
+class Fit:
+    """The step's memory with or without activation checkpointing, and what micro-batch fits."""
+    checkpointing: bool
+    at_recipe: StepMemory       # measured at the recipe's micro-batch
+    line: Line                  # the step's peak as a function of the micro-batch
+    largest: int                # the largest micro-batch that fits the GPU (0: none)
+
+
+@dataclass
+class MemoryPlan:
+    recipe_name: str
+    micro_batch: int            # per GPU (per process)
+    accumulation: int
+    gpus: int
+    gpu_bytes: int
+    checkpointing: bool         # the recipe's setting
+    fixed: dict                 # item -> bytes that do not depend on the micro-batch
+    fits: dict                  # checkpointing (bool) -> Fit
+    image_size: int
+
+    @property
+    def global_batch(self):
+        """Samples per optimizer step on one process (the process count multiplies it)."""
+        return self.micro_batch * self.accumulation
+
+    def items(self, checkpointing=None):
+        """Every item of the peak at the recipe's micro-batch, in bytes."""
+        fit = self.fits[self.checkpointing if checkpointing is None else checkpointing]
+        step = fit.at_recipe
+        return {**self.fixed,
+                "micro-batch (uint8 images, normalised float32)": self.input_bytes(self.micro_batch),
+                "activations kept for backward": step.kept,
+                "backward on top of them": step.peak - step.kept}
+
+    def input_bytes(self, n):
+        return input_bytes(n, self.image_size)
+
+    def peak(self, checkpointing=None):
+        return sum(self.items(checkpointing).values())
+
+    def need(self, checkpointing=None):
+        return needed(self.peak(checkpointing))
+
+    def fits_gpu(self, checkpointing=None):
+        return self.need(checkpointing) <= self.gpu_bytes
+
+    def suggestion(self, checkpointing):
+        """(micro-batch, accumulation) that fit and keep the global batch, or None."""
+        largest = self.fits[checkpointing].largest
+        for m in range(min(largest, self.global_batch), 0, -1):
+            if self.global_batch % m == 0:
+                return m, self.global_batch // m
+        return None
+
+    def describe(self):
+        own = self.checkpointing
+        lines = [f"memory plan of {self.recipe_name} per GPU: micro-batch {self.micro_batch} at "
+                 f"{self.image_size} px x {self.accumulation} accumulated, activation "
+                 f"checkpointing {'on' if own else 'off'}"]
+        for name, n in self.items().items():
+            lines.append(f"  {name:<48} {gib(n):>11}")
+        peak = self.peak()
+        lines.append(f"  {'peak of a training step':<48} {gib(peak):>11}")
+        lines.append(f"  {'+ allowance (allocator, CUDA context)':<48} "
+                     f"{gib(self.need() - peak):>11}")
+        verdict = "fits" if self.fits_gpu() else "does NOT fit"
+        lines.append(f"  {'= needed':<48} {gib(self.need()):>11}  {verdict} "
+                     f"{gib(self.gpu_bytes)}")
+        for checkpointing in sorted(self.fits):
+            fit = self.fits[checkpointing]
+            label = "with" if checkpointing else "without"
+            pair = self.suggestion(checkpointing)
+            keep = (f"; keep the global batch {self.global_batch} with data.batch_size={pair[0]} "
+                    f"optim.accumulation_steps={pair[1]}" if pair else "")
+            peak_note = "" if checkpointing == own else f" (peak {gib(self.peak(checkpointing))})"
+            lines.append(f"largest micro-batch per GPU {label} activation checkpointing: "
+                         f"{fit.largest}{peak_note}{keep}")
+        return lines
+
+    def refusal(self):
+        """One line when the recipe's micro-batch does not fit, else None."""
+        if self.fits_gpu():
+            return None
+        own = self.checkpointing
+        pair = self.suggestion(own)
+        line = (f"recipe {self.recipe_name} needs {gib(self.need())} per GPU at micro-batch "
+                f"{self.micro_batch} ({self.image_size} px), more than the "
+                f"{gib(self.gpu_bytes)} of this machine shape's GPUs: ")
+        if pair:
+            line += (f"set data.batch_size={pair[0]} and optim.accumulation_steps={pair[1]} "
+                     f"(micro-batch {pair[0]} per GPU, the global batch of {self.global_batch} "
+                     f"kept)")
+        else:
+            line += "not even a micro-batch of 1 fits; lower data.image_size"
+        other = self.suggestion(True) if not own and True in self.fits else None
+        if other and other[0] > (pair[0] if pair else 0):
+            line += (f", or set model.activation_checkpointing=true with data.batch_size="
+                     f"{other[0]} optim.accumulation_steps={other[1]}")
+        return line + " (rcic-chain plan --config shows the items)"
+
+
+def input_bytes(micro_batch, image_size):
+    return micro_batch * 6 * image_size ** 2 * INPUT_BYTES_PER_PIXEL
+
+
+def needed(peak):
+    """GPU memory a step with this peak of allocated bytes needs, the allowance included."""
+    return int(peak * (1 + ALLOCATOR_SHARE) + CONTEXT_BYTES)
+
+
+def largest_fitting(fixed_bytes, line, input_per_sample, gpu_bytes):
+    """The largest micro-batch n with needed(fixed + step(n) + input(n)) <= gpu_bytes."""
+    usable = (gpu_bytes - CONTEXT_BYTES) / (1 + ALLOCATOR_SHARE) - fixed_bytes - line.fixed
+    return max(0, math.floor(usable / (line.per_sample + input_per_sample)))
+
+
+def micro_batch_per_gpu(recipe):
+    """The samples one process draws per micro-batch: today each process draws a whole
+    data.batch_size (the process count multiplies the global batch)."""
+    return recipe.data.batch_size
+
+
+def fixed_items(recipe, gpus):
+    """The items of the peak that do not depend on the micro-batch, in bytes."""
+    params, grads, optimizer, ema = model_bytes(recipe)
+    fixed = {"parameters and buffers (float32)": params, "gradients (float32)": grads,
+             f"optimizer state ({recipe.optim.optimizer})": optimizer}
+    if ema:
+        fixed["EMA copy of the weights"] = ema
+    if gpus > 1:
+        fixed["DDP gradient buckets"] = grads
+    return fixed
+
+
+def plan_memory(recipe, micro_batch, gpu_bytes=T4_BYTES, gpus=1, modes=(False, True),
+                measured=()):
+    """The memory plan of one GPU running `micro_batch` samples of the recipe per micro-batch,
+    with the largest micro-batch that fits `gpu_bytes` for each activation-checkpointing
+    setting in `modes` (the recipe's own setting is always planned). `measured`: StepMemory
+    passes already made, as (checkpointing, StepMemory) pairs."""
+    done = {(checkpointing, m.micro_batch): m for checkpointing, m in measured}
+    fixed = fixed_items(recipe, gpus)
+    plan = MemoryPlan(recipe.name, micro_batch, max(1, recipe.optim.accumulation_steps), gpus,
+                      gpu_bytes, recipe.model.activation_checkpointing, fixed, {},
+                      recipe.data.image_size)
+    for checkpointing in sorted({*modes, recipe.model.activation_checkpointing}):
+        # 2, not 1: a BatchNorm1d neck cannot train on one sample
+        sizes = [micro_batch, 2 if micro_batch != 2 else 4]
+        missing = [n for n in sizes if (checkpointing, n) not in done]
+        for m in measure_steps(recipe, missing, checkpointing) if missing else ():
+            done[checkpointing, m.micro_batch] = m
+        at_recipe, other = (done[checkpointing, n] for n in sizes)
+        line = Line.through(other, at_recipe, lambda m: m.peak)
+        plan.fits[checkpointing] = Fit(checkpointing, at_recipe, line, largest_fitting(
+            sum(fixed.values()), line, plan.input_bytes(1), gpu_bytes))
+    return plan
+
+
+def machine_refusal(recipe, machine_shape):
+    """One line if the recipe's micro-batch cannot fit a GPU of `machine_shape`, else None.
+    A shape rcic knows no memory for is not checked. One pass when it fits, a plan when not."""
+    if machine_shape not in MACHINE_SHAPES:
+        return None
+    gpus, gpu_bytes = MACHINE_SHAPES[machine_shape]
+    micro_batch = micro_batch_per_gpu(recipe)
+    own = recipe.model.activation_checkpointing
+    step, = measure_steps(recipe, [micro_batch], own)
+    peak = (sum(fixed_items(recipe, gpus).values())
+            + input_bytes(micro_batch, recipe.data.image_size) + step.peak)
+    if needed(peak) <= gpu_bytes:
+        return None
+    return plan_memory(recipe, micro_batch, gpu_bytes, gpus, measured=[(own, step)]).refusal()
