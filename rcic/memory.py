@@ -239,14 +239,14 @@ class MemoryPlan:
         lines.append(f"  {'= needed':<48} {gib(self.need()):>11}  {verdict} "
                      f"{gib(self.gpu_bytes)}")
         for checkpointing in sorted(self.fits):
-            fit = self.fits[checkpointing]
             label = "with" if checkpointing else "without"
             pair = self.suggestion(checkpointing)
-            keep = (f"; keep the global batch {self.global_batch} with data.batch_size={pair[0]} "
-                    f"optim.accumulation_steps={pair[1]}" if pair else "")
-            peak_note = "" if checkpointing == own else f" (peak {gib(self.peak(checkpointing))})"
+            keep = (f" (keeping the global batch of {self.global_batch}: data.batch_size="
+                    f"{pair[0]} optim.accumulation_steps={pair[1]})" if pair else "")
+            peak = ("" if checkpointing == own else
+                    f"; the peak at micro-batch {self.micro_batch}: {gib(self.peak(checkpointing))}")
             lines.append(f"largest micro-batch per GPU {label} activation checkpointing: "
-                         f"{fit.largest}{peak_note}{keep}")
+                         f"{self.fits[checkpointing].largest}{keep}{peak}")
         return lines
 
     def refusal(self):
