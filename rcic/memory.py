@@ -137,18 +137,28 @@ def measure_steps(recipe, micro_batches, checkpointing):
 
 
 @dataclass
-class Line:
-    """Step memory as a + b * micro_batch, from two measured micro-batches."""
-    fixed: float
-    per_sample: float
+class StepModel:
+    """The step's peak at any micro-batch n, from passes at two micro-batches (small < large).
+
+    What is kept for the backward pass grows exactly linearly with n: a line through both.
+    What the backward adds on top is the larger of a part that does not grow with n (weight
+    gradients being added) and one that does (activation gradients); the larger of the two
+    measured values, scaled up in proportion beyond the larger micro-batch, never undercounts
+    it (a line through the two would, as the part that grows takes over)."""
+    kept_fixed: float
+    kept_per_sample: float
+    extra: int
+    large: int
 
     @classmethod
-    def through(cls, m1, m2, value):
-        slope = (value(m2) - value(m1)) / (m2.micro_batch - m1.micro_batch)
-        return cls(value(m1) - slope * m1.micro_batch, slope)
+    def through(cls, small, large):
+        slope = (large.kept - small.kept) / (large.micro_batch - small.micro_batch)
+        extra = max(small.peak - small.kept, large.peak - large.kept)
+        return cls(small.kept - slope * small.micro_batch, slope, extra, large.micro_batch)
 
-    def at(self, n):
-        return self.fixed + self.per_sample * n
+    def peak(self, n):
+        return (self.kept_fixed + self.kept_per_sample * n
+                + self.extra * max(1.0, n / self.large))
 
 
 def model_bytes(recipe):
@@ -174,7 +184,7 @@ class Fit:
     """The step's memory with or without activation checkpointing, and what micro-batch fits."""
     checkpointing: bool
     at_recipe: StepMemory       # measured at the recipe's micro-batch
-    line: Line                  # the step's peak as a function of the micro-batch
+    model: StepModel            # the step's peak at other micro-batches
     largest: int                # the largest micro-batch that fits the GPU (0: none)
 
 
@@ -280,10 +290,13 @@ def needed(peak):
     return int(peak * (1 + ALLOCATOR_SHARE) + CONTEXT_BYTES)
 
 
-def largest_fitting(fixed_bytes, line, input_per_sample, gpu_bytes):
-    """The largest micro-batch n with needed(fixed + step(n) + input(n)) <= gpu_bytes."""
-    usable = (gpu_bytes - CONTEXT_BYTES) / (1 + ALLOCATOR_SHARE) - fixed_bytes - line.fixed
-    return max(0, math.floor(usable / (line.per_sample + input_per_sample)))
+def largest_fitting(fits, most=2**20):
+    """The largest n in 0..most with fits(n), for a fits() that is true up to some n."""
+    low, high = 0, most + 1            # fits(low) holds (or low is 0); fits(high) does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
 
 
 def micro_batch_per_gpu(recipe):
@@ -322,9 +335,12 @@ def plan_memory(recipe, micro_batch, gpu_bytes=T4_BYTES, gpus=1, modes=(False, T
         for m in measure_steps(recipe, missing, checkpointing) if missing else ():
             done[checkpointing, m.micro_batch] = m
         at_recipe, other = (done[checkpointing, n] for n in sizes)
-        line = Line.through(other, at_recipe, lambda m: m.peak)
-        plan.fits[checkpointing] = Fit(checkpointing, at_recipe, line, largest_fitting(
-            sum(fixed.values()), line, plan.input_bytes(1), gpu_bytes))
+        model = StepModel.through(*sorted((at_recipe, other), key=lambda m: m.micro_batch))
+
+        def fits(n, model=model):
+            return needed(sum(fixed.values()) + plan.input_bytes(n) + model.peak(n)) <= gpu_bytes
+
+        plan.fits[checkpointing] = Fit(checkpointing, at_recipe, model, largest_fitting(fits))
     return plan
 
 
