@@ -17,19 +17,21 @@ What one GPU holds at the peak of a training step, item by item:
   not estimated: the model's real forward and backward run once on fake tensors (torch's
   FakeTensorMode: shapes and dtypes, no data, so DenseNet201 at 512 px takes seconds), and a
   dispatch mode adds up every storage an operation creates and every one that is freed.
-  Mixed precision (optim.amp) runs that pass under CPU autocast with float16, whose list of
-  half-precision operations (convolutions, linear layers) is CUDA's; a recipe without amp runs
-  it in float32.
+  Mixed precision (optim.amp) runs that pass under CPU autocast with float16: like CUDA's,
+  it runs convolutions and linear layers in half precision, and what follows them (BatchNorm,
+  activations) stays half; a recipe without amp runs it in float32. Not counted: cuDNN's
+  choice of algorithms (their workspace is in the allowance).
 The sum is what `torch.cuda.max_memory_allocated` should report. A GPU needs more than that:
 the allowance adds ALLOCATOR_SHARE of it (the caching allocator rounds blocks up and fragments)
 and CONTEXT_BYTES (the CUDA context, cuDNN's and cuBLAS's workspaces), which the allocator's
 counters do not see. tools/gpu_memory_check.py compares the sum with the measurement on a GPU.
 
 Activations grow linearly with the micro-batch, so two passes (the recipe's micro-batch and two
-samples) give the largest micro-batch that fits, with and without activation checkpointing.
+samples) give the largest micro-batch that fits, with and without activation checkpointing
+(StepModel).
 """
+import contextlib
 import dataclasses
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -96,6 +98,7 @@ class StepMemory:
     micro_batch: int
     kept: int          # alive when the forward (and the loss) is done: what backward needs
     peak: int          # the most alive at once, forward and backward
+    scaled: bool = False   # scaled from smaller real passes, not counted at this size
 
 
 def planned_classes(recipe):
@@ -104,16 +107,40 @@ def planned_classes(recipe):
     return N_TREATMENTS + (N_CONTROL_CLASSES if d.use_controls or d.use_test_controls else 0)
 
 
-def measure_steps(recipe, micro_batches, checkpointing):
-    """One training micro-batch of the recipe's model on fake tensors for each micro-batch
-    size, its memory counted: a StepMemory per size."""
+def with_fake_tensors(run, instead):
+    """run(FakeTensorMode()): shapes and dtypes without data. A model that cannot be built or
+    run that way (timm's ViTs read a value while they initialise) gets instead() with real
+    tensors on the CPU; a real error in the recipe shows again there."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    try:
+        return run(FakeTensorMode())
+    except Exception:   # whatever FakeTensorMode refuses
+        return instead()
+
+
+def measure_steps(recipe, micro_batches, checkpointing):
+    """A StepMemory per micro-batch size: one training micro-batch of the recipe's model on
+    fake tensors, its memory counted. Where fake tensors fail, real passes on the CPU at
+    micro-batches of 2 and 4 only, larger ones scaled from those (StepModel; `scaled`)."""
+    def real_and_scaled():
+        small = passes(recipe, [2, 4], checkpointing, contextlib.nullcontext())
+        model = StepModel(*small)
+        return [small[n // 2 - 1] if n in (2, 4) else
+                StepMemory(n, int(model.kept(n)), int(model.peak(n)), scaled=True)
+                for n in micro_batches]
+
+    return with_fake_tensors(lambda mode: passes(recipe, micro_batches, checkpointing, mode),
+                             real_and_scaled)
+
+
+def passes(recipe, micro_batches, checkpointing, mode):
+    """measure_steps' passes, with tensors made under `mode`."""
     from rcic.models import create_loss, create_model
 
     model_cfg = dataclasses.replace(recipe.model, activation_checkpointing=checkpointing)
     size = recipe.data.image_size
-    with FakeTensorMode():
+    with mode:
         model = create_model(model_cfg, planned_classes(recipe), CELL_TYPES,
                              with_pretrained=False).train()
         criterion = create_loss(model_cfg)
@@ -121,7 +148,7 @@ def measure_steps(recipe, micro_batches, checkpointing):
             p.grad = torch.zeros_like(p)
         steps = []
         for n in micro_batches:
-            x = torch.empty(n, 6, size, size)
+            x = torch.zeros(n, 6, size, size)
             labels = torch.zeros(n, dtype=torch.long)
             cell_type = torch.zeros(n, dtype=torch.long)
             known = [*model.parameters(), *(p.grad for p in model.parameters()),
@@ -170,15 +197,16 @@ class StepModel:
 
 def model_bytes(recipe):
     """(parameters and buffers, gradients, optimizer state, EMA) in bytes, from the model's shapes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from rcic.models import create_model
 
-    with FakeTensorMode():
-        model = create_model(recipe.model, planned_classes(recipe), CELL_TYPES,
-                             with_pretrained=False)
-        params = sum(p.nbytes for p in model.parameters())
-        buffers = sum(b.nbytes for b in model.buffers())
+    def count(mode):
+        with mode:
+            model = create_model(recipe.model, planned_classes(recipe), CELL_TYPES,
+                                 with_pretrained=False)
+            return (sum(p.nbytes for p in model.parameters()),
+                    sum(b.nbytes for b in model.buffers()))
+
+    params, buffers = with_fake_tensors(count, lambda: count(contextlib.nullcontext()))
     o = recipe.optim
     copies = OPTIMIZER_COPIES.get(o.optimizer, 2)
     if o.optimizer == "sgd" and not o.momentum:
@@ -208,8 +236,9 @@ class MemoryPlan:
     image_size: int
 
     @property
-    def global_batch(self):
-        """Samples per optimizer step on one process (the process count multiplies it)."""
+    def samples_per_step(self):
+        """data.batch_size x accumulation: what a suggestion keeps, so that the global batch
+        (samples per optimizer step, over all processes) stays the recipe's."""
         return self.micro_batch * self.accumulation
 
     def items(self, checkpointing=None):
@@ -234,11 +263,11 @@ class MemoryPlan:
         return self.need(checkpointing) <= self.gpu_bytes
 
     def suggestion(self, checkpointing):
-        """(micro-batch, accumulation) that fit and keep the global batch, or None."""
+        """(micro-batch, accumulation) that fit and keep samples_per_step, or None."""
         largest = self.fits[checkpointing].largest
-        for m in range(min(largest, self.global_batch), 0, -1):
-            if self.global_batch % m == 0:
-                return m, self.global_batch // m
+        for m in range(min(largest, self.samples_per_step), 0, -1):
+            if self.samples_per_step % m == 0:
+                return m, self.samples_per_step // m
         return None
 
     def describe(self):
@@ -258,12 +287,15 @@ class MemoryPlan:
         for checkpointing in sorted(self.fits):
             label = "with" if checkpointing else "without"
             pair = self.suggestion(checkpointing)
-            keep = (f" (keeping the global batch of {self.global_batch}: data.batch_size="
-                    f"{pair[0]} optim.accumulation_steps={pair[1]})" if pair else "")
+            keep = (f" (the same global batch: data.batch_size={pair[0]} "
+                    f"optim.accumulation_steps={pair[1]})" if pair else "")
             peak = ("" if checkpointing == own else
                     f"; the peak at micro-batch {self.micro_batch}: {gib(self.peak(checkpointing))}")
             lines.append(f"largest micro-batch per GPU {label} activation checkpointing: "
                          f"{self.fits[checkpointing].largest}{keep}{peak}")
+        if any(fit.at_recipe.scaled for fit in self.fits.values()):
+            lines.append("(this model cannot run on fake tensors: its activations were counted "
+                         "at micro-batches 2 and 4 on the CPU and scaled)")
         return lines
 
     def refusal(self, gpu_name="the GPU"):
@@ -277,8 +309,7 @@ class MemoryPlan:
                 f"{gib(self.gpu_bytes)} of {gpu_name}: ")
         if pair:
             line += (f"set data.batch_size={pair[0]} and optim.accumulation_steps={pair[1]} "
-                     f"(micro-batch {pair[0]} per GPU, the global batch of {self.global_batch} "
-                     f"kept)")
+                     f"(micro-batch {pair[0]} per GPU, the same global batch)")
         else:
             line += "not even a micro-batch of 1 fits; lower data.image_size"
         other = self.suggestion(True) if not own and True in self.fits else None

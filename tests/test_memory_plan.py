@@ -4,6 +4,8 @@ refusals of `rcic-chain init` and `push`.
 The counting is checked against an independent count: the tensors autograd saves for the
 backward pass of a real CPU forward (saved_tensors_hooks, one count per storage).
 """
+import contextlib
+import importlib.util
 import json
 import shutil
 
@@ -13,7 +15,8 @@ import torch
 from rcic.cli.chain import main
 from rcic.config import Recipe, load_recipe
 from rcic.memory import (CELL_TYPES, CONTEXT_BYTES, GIB, LiveBytes, StepModel, fixed_items,
-                         input_bytes, measure_steps, needed, plan_memory, planned_classes)
+                         input_bytes, measure_steps, needed, passes, plan_memory,
+                         planned_classes)
 from rcic.models import create_loss, create_model
 
 
@@ -184,3 +187,14 @@ def test_the_shipped_big_recipes_fit_a_t4_and_say_how_much_memory():
     plan = plan_memory(recipe, recipe.data.batch_size, gpus=2, modes=(False,))
     assert plan.fits_gpu() and "DDP gradient buckets" in plan.items()
     assert plan.fits[False].largest >= recipe.data.batch_size
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="needs timm")
+def test_a_model_fake_tensors_cannot_build_is_counted_for_real_and_scaled():
+    # timm's ViTs read a value (.item()) while they initialise: no fake tensors for them
+    recipe = tiny_recipe(size=224, backbone="timm:vit_tiny_patch16_224")
+    (scaled,) = measure_steps(recipe, [8], checkpointing=False)
+    (real,) = passes(recipe, [8], False, contextlib.nullcontext())
+    assert scaled.scaled and not real.scaled
+    assert scaled.kept == pytest.approx(real.kept, rel=0.01)
+    assert real.peak <= scaled.peak <= 1.1 * real.peak

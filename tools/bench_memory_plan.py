@@ -44,8 +44,8 @@ def main():
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     print("| recipe | backbone | micro-batch x accumulation (per GPU) | peak of a step, GiB | "
           "needed with allowance, GiB | fits a T4 (15 GiB) | activations kept, GiB: without / "
-          "with checkpointing | largest micro-batch without checkpointing (keeping the global "
-          "batch: m x k) | with checkpointing | planning s |")
+          "with checkpointing | largest micro-batch without checkpointing (the same global "
+          "batch: batch_size x accumulation_steps) | with checkpointing | planning s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(CONFIGS.glob("*.yaml")):
         print(row(path), flush=True)
