@@ -8,6 +8,8 @@ import contextlib
 import importlib.util
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +200,20 @@ def test_a_model_fake_tensors_cannot_build_is_counted_for_real_and_scaled():
     assert scaled.scaled and not real.scaled
     assert scaled.kept == pytest.approx(real.kept, rel=0.01)
     assert real.peak <= scaled.peak <= 1.1 * real.peak
+
+
+def test_the_whole_plan_equals_real_training_steps_counted_on_the_cpu(tmp_path):
+    """tools/gpu_memory_check.py --dry: two real optimizer steps as the trainer takes them
+    (accumulation, optimizer state, EMA), every storage counted, against the plan's peak."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import gpu_memory_check
+
+    recipe = tmp_path / "dense.yaml"
+    recipe.write_text("name: dense\ndata:\n  image_size: 32\n  batch_size: 4\nmodel:\n"
+                      "  backbone: densenet121\n  neck: true\noptim:\n  optimizer: radam\n"
+                      "  accumulation_steps: 2\n  ema_decay: 0.99\n")
+    lines = []
+    assert gpu_memory_check.check(torch.device("cpu"), lines.append,
+                                  [recipe, gpu_memory_check.CONFIGS / "tiny-cpu.yaml"])
+    ratios = [float(line.split()[-1]) for line in lines[1:]]
+    assert len(ratios) == 2 and all(0.95 <= r <= 1.05 for r in ratios), lines
