@@ -5,6 +5,7 @@ timm), one training step with checkpointing gives exactly (torch.equal) the grad
 BatchNorm running statistics, loss and RNG state of the same step without it, and the memory
 plan's activation figure drops. A stage with it trains to the same weights.
 """
+import copy
 import dataclasses
 import importlib.util
 
@@ -80,3 +81,15 @@ def test_a_densenet_stage_with_checkpointing_trains_to_the_same_weights(tiny_dat
                               sets=[*sets, "model.activation_checkpointing=true"])
     assert plain["global_step"] == checkpointed["global_step"] == 3
     assert_same_weights(tmp_path / "plain", tmp_path / "checkpointed")
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet50", "efficientnet-b0"])
+def test_a_copy_of_the_model_recomputes_its_own_blocks(backbone):
+    # The EMA is a deepcopy; the blocks' wrapped forwards must follow the copy, or the copy's
+    # backward would run (and train) the original's weights.
+    cfg = ModelConfig(backbone=backbone, activation_checkpointing=True)
+    model = create_model(cfg, num_classes=5, num_cell_types=2, with_pretrained=False).train()
+    twin = copy.deepcopy(model)
+    create_loss(cfg)(twin(torch.randn(2, 6, 32, 32)), torch.tensor([0, 1])).backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in twin.backbone.parameters())
