@@ -188,7 +188,8 @@ class StepModel:
         if n <= s.micro_batch:
             return e_small
         if n <= l.micro_batch:
-            return e_small + (e_large - e_small) * (n - s.micro_batch) / (l.micro_batch - s.micro_batch)
+            share = (n - s.micro_batch) / (l.micro_batch - s.micro_batch)
+            return e_small + (e_large - e_small) * share
         return e_large * n / l.micro_batch
 
     def peak(self, n):
@@ -196,7 +197,7 @@ class StepModel:
 
 
 def model_bytes(recipe):
-    """(parameters and buffers, gradients, optimizer state, EMA) in bytes, from the model's shapes."""
+    """(parameters and buffers, gradients, optimizer state, EMA) in bytes, from the shapes."""
     from rcic.models import create_model
 
     def count(mode):
@@ -245,8 +246,9 @@ class MemoryPlan:
         """Every item of the peak at the recipe's micro-batch, in bytes."""
         fit = self.fits[self.checkpointing if checkpointing is None else checkpointing]
         step = fit.at_recipe
+        batch = self.input_bytes(self.micro_batch)
         return {**self.fixed,
-                "micro-batch (uint8 images, normalised float32)": self.input_bytes(self.micro_batch),
+                "micro-batch (uint8 images, normalised float32)": batch,
                 "activations kept for backward": step.kept,
                 "backward on top of them": step.peak - step.kept}
 
@@ -289,8 +291,8 @@ class MemoryPlan:
             pair = self.suggestion(checkpointing)
             keep = (f" (the same global batch: data.batch_size={pair[0]} "
                     f"optim.accumulation_steps={pair[1]})" if pair else "")
-            peak = ("" if checkpointing == own else
-                    f"; the peak at micro-batch {self.micro_batch}: {gib(self.peak(checkpointing))}")
+            peak = ("" if checkpointing == own else f"; the peak at micro-batch "
+                    f"{self.micro_batch}: {gib(self.peak(checkpointing))}")
             lines.append(f"largest micro-batch per GPU {label} activation checkpointing: "
                          f"{self.fits[checkpointing].largest}{keep}{peak}")
         if any(fit.at_recipe.scaled for fit in self.fits.values()):

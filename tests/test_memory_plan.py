@@ -158,7 +158,8 @@ def test_init_refuses_a_micro_batch_the_t4_cannot_hold_in_one_line(tmp_path, cap
     assert status == 2 and "\n" not in err and not out.exists()
     assert "recipe big needs" in err and "micro-batch 512" in err
     suggested = err.split("set data.batch_size=")[1]
-    m, k = int(suggested.split()[0]), int(suggested.split("optim.accumulation_steps=")[1].split()[0])
+    m = int(suggested.split()[0])
+    k = int(suggested.split("optim.accumulation_steps=")[1].split()[0])
     assert m * k == 1024
     # what it suggests renders
     fixed = BIG.replace("batch_size: 512", f"batch_size: {m}").replace(
@@ -171,6 +172,8 @@ def test_push_refuses_a_chain_whose_machine_cannot_hold_its_micro_batch(tmp_path
     # rendered for a machine shape rcic knows no memory of (not checked), then moved to T4s
     status, out = init(tmp_path, BIG, "--machine-shape", "SomeBigGpu")
     assert status == 0
+    assert "memory not checked: rcic knows no GPU memory of machine shape SomeBigGpu" in (
+        capsys.readouterr().err)
     for meta in out.glob("*/kernel-metadata.json"):
         text = json.loads(meta.read_text())
         if "machine_shape" in text:

@@ -96,8 +96,8 @@ def check(device, echo=print, paths=None):
         ratio = planned / measured
         within = abs(ratio - 1) <= TOLERANCE
         ok &= within
-        echo(f"{recipe.name:<34} {micro_batch:>11} {planned / GIB:>8.3f} G {measured / GIB:>8.3f} G "
-             f"{ratio:>9.2f}{'' if within else '  OUTSIDE 15%'}")
+        echo(f"{recipe.name:<34} {micro_batch:>11} {planned / GIB:>8.3f} G "
+             f"{measured / GIB:>8.3f} G {ratio:>9.2f}{'' if within else '  OUTSIDE 15%'}")
     return ok
 
 

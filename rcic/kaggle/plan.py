@@ -9,6 +9,7 @@ start-up, validation and the final save (the stage runner uses the same fraction
 import ast
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +92,14 @@ def memory_plan_lines(recipe, gpu_gib=None, machine_shape=None):
 
 
 def refuse_unfitting(recipe, machine_shape):
-    """Refuse, in one line, a recipe whose micro-batch cannot fit a GPU of the machine shape."""
-    from rcic.memory import machine_refusal
+    """Refuse, in one line, a recipe whose micro-batch cannot fit a GPU of the machine shape.
+    A machine shape rcic knows no GPU memory of is not checked, and a note says so."""
+    from rcic.memory import MACHINE_SHAPES, machine_refusal
 
+    if machine_shape not in MACHINE_SHAPES:
+        print(f"rcic-chain: memory not checked: rcic knows no GPU memory of machine shape "
+              f"{machine_shape} (it knows {', '.join(MACHINE_SHAPES)})", file=sys.stderr)
+        return
     line = machine_refusal(recipe, machine_shape)
     if line:
         raise UserError(line)
@@ -108,8 +114,11 @@ def refuse_unfitting_chain(chain_dir):
     if not stages:
         return
     script = stages[0] / chain.STAGE_SCRIPT
-    settings = ast.literal_eval(chain.SETTINGS_LINE.search(script.read_text()).group(0)
-                                .split("=", 1)[1].strip())
+    line = chain.SETTINGS_LINE.search(script.read_text())
+    if line is None:
+        raise UserError(f"{script} has no 'SETTINGS = ...' line: render the chain again with "
+                        f"rcic-chain init")
+    settings = ast.literal_eval(line.group(0).split("=", 1)[1].strip())
     recipe = (from_dict(yaml.safe_load(settings["recipe_yaml"]), str(script))
               if settings["recipe_yaml"] else Recipe())
     meta = metadata.read_json(stages[0] / metadata.KERNEL_METADATA)

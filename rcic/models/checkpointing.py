@@ -83,11 +83,13 @@ def keep_running_stats(model):
                 for buffer, value in zip(module.buffers(), saved):
                     buffer.copy_(value)
 
-        # The grad hook runs when the backward reaches the outputs, i.e. first; the callback
-        # it queues runs once the whole backward (every recomputation included) is done.
+        def backward_started(grads):
+            # Called when the backward reaches the outputs, before any recomputation; the
+            # callback runs once the whole backward is done.
+            torch.autograd.Variable._execution_engine.queue_callback(restore)
+
         outputs = [t for t in output.values() if t.requires_grad]
-        torch.autograd.graph.register_multi_grad_hook(
-            outputs, lambda grads: torch.autograd.Variable._execution_engine.queue_callback(restore),
-            mode="any")
+        if outputs:
+            torch.autograd.graph.register_multi_grad_hook(outputs, backward_started, mode="any")
 
     model.register_forward_hook(after_forward)
