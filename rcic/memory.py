@@ -1,6 +1,6 @@
 """The memory plan: a recipe's per-GPU peak of one training step, computed on the CPU in seconds.
 
-    plan = plan_memory(recipe, micro_batch, gpu_bytes, gpus)
+    plan = plan_memory(recipe, micro_batch_per_gpu(recipe, gpus), gpu_bytes, gpus)
     print("\\n".join(plan.describe()))
 
 What one GPU holds at the peak of a training step, item by item:
@@ -237,10 +237,9 @@ class MemoryPlan:
     image_size: int
 
     @property
-    def samples_per_step(self):
-        """data.batch_size x accumulation: what a suggestion keeps, so that the global batch
-        (samples per optimizer step, over all processes) stays the recipe's."""
-        return self.micro_batch * self.accumulation
+    def global_batch(self):
+        """Samples per optimizer step over all processes: data.batch_size x accumulation."""
+        return self.micro_batch * self.gpus * self.accumulation
 
     def items(self, checkpointing=None):
         """Every item of the peak at the recipe's micro-batch, in bytes."""
@@ -265,17 +264,19 @@ class MemoryPlan:
         return self.need(checkpointing) <= self.gpu_bytes
 
     def suggestion(self, checkpointing):
-        """(micro-batch, accumulation) that fit and keep samples_per_step, or None."""
+        """(data.batch_size, optim.accumulation_steps) whose share per GPU fits and that keep
+        the global batch, the largest such micro-batch; or None."""
         largest = self.fits[checkpointing].largest
-        for m in range(min(largest, self.samples_per_step), 0, -1):
-            if self.samples_per_step % m == 0:
-                return m, self.samples_per_step // m
+        for m in range(min(largest, self.global_batch // self.gpus), 0, -1):
+            if self.global_batch % (m * self.gpus) == 0:
+                return m * self.gpus, self.global_batch // (m * self.gpus)
         return None
 
     def describe(self):
         own = self.checkpointing
+        shared = f" ({self.gpus} GPUs share each micro-batch)" if self.gpus > 1 else ""
         lines = [f"memory plan of {self.recipe_name} per GPU: micro-batch {self.micro_batch} at "
-                 f"{self.image_size} px x {self.accumulation} accumulated, activation "
+                 f"{self.image_size} px x {self.accumulation} accumulated{shared}, activation "
                  f"checkpointing {'on' if own else 'off'}"]
         for name, n in self.items().items():
             lines.append(f"  {name:<48} {gib(n):>11}")
@@ -289,7 +290,7 @@ class MemoryPlan:
         for checkpointing in sorted(self.fits):
             label = "with" if checkpointing else "without"
             pair = self.suggestion(checkpointing)
-            keep = (f" (the same global batch: data.batch_size={pair[0]} "
+            keep = (f" (the same global batch of {self.global_batch}: data.batch_size={pair[0]} "
                     f"optim.accumulation_steps={pair[1]})" if pair else "")
             peak = ("" if checkpointing == own else f"; the peak at micro-batch "
                     f"{self.micro_batch}: {gib(self.peak(checkpointing))}")
@@ -311,7 +312,8 @@ class MemoryPlan:
                 f"{gib(self.gpu_bytes)} of {gpu_name}: ")
         if pair:
             line += (f"set data.batch_size={pair[0]} and optim.accumulation_steps={pair[1]} "
-                     f"(micro-batch {pair[0]} per GPU, the same global batch)")
+                     f"(micro-batch {pair[0] // self.gpus} per GPU, the same global batch of "
+                     f"{self.global_batch})")
         else:
             line += "not even a micro-batch of 1 fits; lower data.image_size"
         other = self.suggestion(True) if not own and True in self.fits else None
@@ -339,10 +341,12 @@ def largest_fitting(fits, most=2**20):
     return low
 
 
-def micro_batch_per_gpu(recipe):
-    """The samples one process draws per micro-batch: today each process draws a whole
-    data.batch_size (the process count multiplies the global batch)."""
-    return recipe.data.batch_size
+def micro_batch_per_gpu(recipe, gpus):
+    """The samples one process (one GPU) trains on per micro-batch: the processes share each
+    of the recipe's micro-batches (data.batch_size), so that the global batch, data.batch_size
+    x optim.accumulation_steps, is the recipe's on any number of them. A share that does not
+    divide is rounded up (the stage refuses it; the plan stays on the safe side)."""
+    return -(-recipe.data.batch_size // gpus)
 
 
 def fixed_items(recipe, gpus):
@@ -359,7 +363,8 @@ def fixed_items(recipe, gpus):
 
 def plan_memory(recipe, micro_batch, gpu_bytes=T4_BYTES, gpus=1, modes=(False, True),
                 measured=()):
-    """The memory plan of one GPU running `micro_batch` samples of the recipe per micro-batch,
+    """The memory plan of one of `gpus` GPUs running `micro_batch` samples of the recipe per
+    micro-batch (its share: micro_batch_per_gpu),
     with the largest micro-batch that fits `gpu_bytes` for each activation-checkpointing
     setting in `modes` (the recipe's own setting is always planned). `measured`: StepMemory
     passes already made, as (checkpointing, StepMemory) pairs."""
@@ -399,7 +404,7 @@ def machine_refusal(recipe, machine_shape):
     if machine_shape not in MACHINE_SHAPES:
         return None
     gpus, gpu_bytes = MACHINE_SHAPES[machine_shape]
-    micro_batch = micro_batch_per_gpu(recipe)
+    micro_batch = micro_batch_per_gpu(recipe, gpus)
     peak, step = planned_peak(recipe, micro_batch, gpus)
     if needed(peak) <= gpu_bytes:
         return None

@@ -17,8 +17,8 @@ import torch
 from rcic.cli.chain import main
 from rcic.config import Recipe, load_recipe
 from rcic.memory import (CELL_TYPES, CONTEXT_BYTES, GIB, LiveBytes, StepModel, fixed_items,
-                         input_bytes, measure_steps, needed, passes, plan_memory,
-                         planned_classes)
+                         input_bytes, measure_steps, micro_batch_per_gpu, needed, passes,
+                         plan_memory, planned_classes)
 from rcic.models import create_loss, create_model
 
 
@@ -125,6 +125,12 @@ def test_the_plan_suggests_a_micro_batch_that_keeps_the_global_batch():
     m, k = plan.suggestion(False)
     assert m * k == 48 and m <= largest and not any(48 % d == 0 for d in range(m + 1, largest + 1))
     assert f"data.batch_size={m} and optim.accumulation_steps={k}" in plan.refusal()
+    # on two GPUs each takes half of a micro-batch: data.batch_size is twice what one holds
+    two = plan_memory(recipe, micro_batch_per_gpu(recipe, 2), gpu_bytes=int(1.2 * GIB), gpus=2,
+                      modes=(False,))
+    assert two.micro_batch == 12 and two.global_batch == 48
+    b, k = two.suggestion(False)
+    assert b % 2 == 0 and b // 2 <= two.fits[False].largest and b * k == 48
 
 
 def test_plan_without_throughput_prints_the_memory_plan_alone(capsys):
@@ -156,7 +162,8 @@ def test_init_refuses_a_micro_batch_the_t4_cannot_hold_in_one_line(tmp_path, cap
     status, out = init(tmp_path, BIG)
     err = capsys.readouterr().err.strip()
     assert status == 2 and "\n" not in err and not out.exists()
-    assert "recipe big needs" in err and "micro-batch 512" in err
+    # two T4s share each micro-batch of 512: 256 on each
+    assert "recipe big needs" in err and "micro-batch 256 (512 px)" in err
     suggested = err.split("set data.batch_size=")[1]
     m = int(suggested.split()[0])
     k = int(suggested.split("optim.accumulation_steps=")[1].split()[0])

@@ -1,5 +1,5 @@
-"""The memory plan of every recipe in configs/ on Kaggle's NvidiaTeslaT4 machine (one T4 per
-process, 15 GiB), as a Markdown table for BENCHMARKS.md.
+"""The memory plan of every recipe in configs/ on Kaggle's NvidiaTeslaT4 machine (two T4s of
+15 GiB, one process each, sharing each micro-batch), as a Markdown table for BENCHMARKS.md.
 
     OMP_NUM_THREADS=1 python tools/bench_memory_plan.py
 
@@ -30,11 +30,12 @@ def row(path):
     recipe = load_recipe(path)
     gpus, gpu_bytes = MACHINE_SHAPES[SHAPE]
     start = time.perf_counter()
-    plan = plan_memory(recipe, micro_batch_per_gpu(recipe), gpu_bytes, gpus)
+    plan = plan_memory(recipe, micro_batch_per_gpu(recipe, gpus), gpu_bytes, gpus)
     seconds = time.perf_counter() - start
     kept = {c: plan.items(c)["activations kept for backward"] / GIB for c in (False, True)}
     return (f"| {recipe.name} | {recipe.model.backbone} @ {recipe.data.image_size} px | "
-            f"{plan.micro_batch} x {plan.accumulation} | {plan.peak() / GIB:.2f} | "
+            f"{recipe.data.batch_size} x {plan.accumulation} ({plan.micro_batch}) | "
+            f"{plan.peak() / GIB:.2f} | "
             f"{plan.need() / GIB:.2f} | {'yes' if plan.fits_gpu() else 'NO'} | "
             f"{kept[False]:.2f} / {kept[True]:.2f} | {largest(plan, False)} | "
             f"{largest(plan, True)} | {seconds:.0f} |")
@@ -42,10 +43,11 @@ def row(path):
 
 def main():
     print(f"load average before: {os.getloadavg()[0]:.2f}")
-    print("| recipe | backbone | micro-batch x accumulation (per GPU) | peak of a step, GiB | "
-          "needed with allowance, GiB | fits a T4 (15 GiB) | activations kept, GiB: without / "
-          "with checkpointing | largest micro-batch without checkpointing (the same global "
-          "batch: batch_size x accumulation_steps) | with checkpointing | planning s |")
+    print("| recipe | backbone | data.batch_size x accumulation (micro-batch per GPU) | peak of "
+          "a step per GPU, GiB | needed with allowance, GiB | fits a T4 (15 GiB) | activations "
+          "kept, GiB: without / with checkpointing | largest micro-batch per GPU without "
+          "checkpointing (the same global batch: data.batch_size x accumulation_steps) | with "
+          "checkpointing | planning s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(CONFIGS.glob("*.yaml")):
         print(row(path), flush=True)

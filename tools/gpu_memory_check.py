@@ -90,7 +90,7 @@ def check(device, echo=print, paths=None):
         recipe = load_recipe(path)
         if device.type != "cuda":       # the trainer uses AMP on a GPU only
             recipe.optim = dataclasses.replace(recipe.optim, amp=False)
-        micro_batch = micro_batch_per_gpu(recipe)
+        micro_batch = micro_batch_per_gpu(recipe, 1)   # one GPU: the whole micro-batch
         planned, _ = planned_peak(recipe, micro_batch, gpus=1)
         measured = measured_peak(recipe, device, micro_batch)
         ratio = planned / measured

@@ -88,7 +88,7 @@ def memory_plan_lines(recipe, gpu_gib=None, machine_shape=None):
     gpus, gpu_bytes = MACHINE_SHAPES[machine_shape or DEFAULT_MACHINE_SHAPE]
     if gpu_gib is not None:
         gpu_bytes = int(gpu_gib * GIB)
-    return plan_memory(recipe, micro_batch_per_gpu(recipe), gpu_bytes, gpus).describe()
+    return plan_memory(recipe, micro_batch_per_gpu(recipe, gpus), gpu_bytes, gpus).describe()
 
 
 def refuse_unfitting(recipe, machine_shape):
