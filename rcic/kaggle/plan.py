@@ -85,7 +85,11 @@ def memory_plan_lines(recipe, gpu_gib=None, machine_shape=None):
     from rcic.kaggle.chain import DEFAULT_MACHINE_SHAPE
     from rcic.memory import GIB, MACHINE_SHAPES, micro_batch_per_gpu, plan_memory
 
-    gpus, gpu_bytes = MACHINE_SHAPES[machine_shape or DEFAULT_MACHINE_SHAPE]
+    shape = machine_shape or DEFAULT_MACHINE_SHAPE
+    if shape not in MACHINE_SHAPES and gpu_gib is None:
+        raise UserError(f"rcic knows no GPU memory of machine shape {shape} (it knows "
+                        f"{', '.join(MACHINE_SHAPES)}): give it with --gpu-memory GIB")
+    gpus, gpu_bytes = MACHINE_SHAPES.get(shape, (1, None))
     if gpu_gib is not None:
         gpu_bytes = int(gpu_gib * GIB)
     return plan_memory(recipe, micro_batch_per_gpu(recipe, gpus), gpu_bytes, gpus).describe()
