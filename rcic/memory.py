@@ -77,6 +77,8 @@ class LiveBytes(TorchDispatchMode):
         return out
 
     def track(self, storage):
+        # The storage's own address (a fake storage's data_ptr is 0 for all of them); it is
+        # unique while the storage lives, and a finalizer forgets it when it dies.
         key = storage._cdata
         if key in self.sizes:
             return

@@ -85,7 +85,8 @@ def keep_running_stats(model):
 
         def backward_started(grads):
             # Called when the backward reaches the outputs, before any recomputation; the
-            # callback runs once the whole backward is done.
+            # engine's callback (what DDP uses to finish its reduction) runs once the whole
+            # backward is done.
             torch.autograd.Variable._execution_engine.queue_callback(restore)
 
         outputs = [t for t in output.values() if t.requires_grad]
