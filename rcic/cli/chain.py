@@ -71,7 +71,6 @@ def cmd_init(args):
 def cmd_push(args):
     from rcic.kaggle import client
     from rcic.kaggle.driver import push_chain
-
     from rcic.kaggle.plan import refuse_unfitting_chain
 
     chain.kernel_folders(args.dir)        # a broken folder fails before any credentials
