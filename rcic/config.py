@@ -46,6 +46,7 @@ class ModelConfig:
     # BatchNorm statistics over the whole micro-batch when several processes share it (two
     # all-reduces per BatchNorm layer); one process is unaffected.
     sync_batchnorm: bool = False
+    activation_checkpointing: bool = False   # recompute activations in backward: less memory
 
 
 @dataclass
@@ -111,6 +112,9 @@ RUN_ONLY_FIELDS = {
     "name", "data.num_workers", "data.cache", "train.checkpoint_every_steps",
     "train.log_every_steps", "train.eval_every_steps", "train.deterministic",
     "train.ddp_backend",
+    # memory, not numbers: gradients and BatchNorm statistics equal those without it
+    # (rcic/models/checkpointing.py), so a stage may turn it on to fit a smaller GPU
+    "model.activation_checkpointing",
 }
 
 

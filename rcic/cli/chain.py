@@ -6,7 +6,7 @@
   submit          submit the submission kernel's output and wait for the scores
   status          every kernel's state, version and run time, and what the chain costs
   output          download every kernel's outputs and log into DIR/<kernel>/output
-  plan            how many stages a recipe needs, from a measured throughput
+  plan            the memory a recipe needs per GPU; with a measured throughput, the stages
   publish-bundle  upload the bundle folder (tools/build_bundle.py) as a Kaggle dataset
   local           run the whole chain on this machine, as Kaggle would
 
@@ -31,6 +31,16 @@ def whole_number(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
 
 
+def gibibytes(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB above 0, e.g. 24")
+    return value
+
+
 def seconds(text):
     try:
         value = float(text)
@@ -51,11 +61,16 @@ def duration(text):
 
 
 def cmd_init(args):
+    from rcic.config import load_recipe
+    from rcic.kaggle.plan import refuse_unfitting
+
     spec = chain.ChainSpec(owner=args.owner, prefix=args.prefix, stages=args.stages,
                            recipe=Path(args.config), budget=args.budget,
                            session_limit=args.session_limit, competition=args.competition,
                            machine_shape=args.machine_shape, bundle=args.bundle,
                            steps_per_stage=args.steps_per_stage, cache_size=args.cache)
+    spec.validate()
+    refuse_unfitting(load_recipe(spec.recipe), spec.machine_shape)
     folders = chain.render_chain(spec, args.out)
     for folder in folders:
         print(f"{folder}  {chain.kernel_id(folder)}")
@@ -68,8 +83,10 @@ def cmd_init(args):
 def cmd_push(args):
     from rcic.kaggle import client
     from rcic.kaggle.driver import push_chain
+    from rcic.kaggle.plan import refuse_unfitting_chain
 
     chain.kernel_folders(args.dir)        # a broken folder fails before any credentials
+    refuse_unfitting_chain(args.dir)      # and a recipe too big for the machine's GPUs
     push_chain(Path(args.dir), client.connect(), args.poll_seconds, retry=args.retry,
                start_from=args.start_from, echo=lambda s: print(s, flush=True))
 
@@ -107,15 +124,17 @@ def cmd_output(args):
 
 
 def cmd_plan(args):
-    from rcic.kaggle.plan import plan, samples_per_second_from
+    from rcic.kaggle.plan import memory_plan_lines, plan, samples_per_second_from
 
-    if (args.samples_per_second is None) == (args.from_stage_json is None):
-        raise UserError("give the throughput with exactly one of --samples-per-second X or "
-                        "--from-stage-json FILE")
-    sps = (args.samples_per_second if args.samples_per_second is not None
-           else samples_per_second_from(args.from_stage_json))
+    if args.samples_per_second is not None and args.from_stage_json is not None:
+        raise UserError("give the throughput with one of --samples-per-second X or "
+                        "--from-stage-json FILE, not both")
     recipe, budget = plan_budget(args)
-    print(plan(recipe, sps, budget, args.train_samples, args.data).describe())
+    if args.samples_per_second is not None or args.from_stage_json is not None:
+        sps = (args.samples_per_second if args.samples_per_second is not None
+               else samples_per_second_from(args.from_stage_json))
+        print(plan(recipe, sps, budget, args.train_samples, args.data).describe())
+    print("\n".join(memory_plan_lines(recipe, args.gpu_memory, args.machine_shape)))
 
 
 def plan_budget(args):
@@ -224,7 +243,8 @@ def build_parser():
         s.add_argument("dir")
         s.set_defaults(func=func)
 
-    s = sub.add_parser("plan", help="estimate the stages a recipe needs")
+    s = sub.add_parser("plan", help="the memory a recipe needs per GPU, and with a throughput, "
+                                    "the stages it needs")
     s.add_argument("--samples-per-second", type=float, help="measured training throughput")
     s.add_argument("--from-stage-json", help="read samples_per_second from a stage's stage.json")
     s.add_argument("--config", help="recipe YAML file (default: the built-in recipe)")
@@ -234,6 +254,9 @@ def build_parser():
     s.add_argument("--train-samples", type=whole_number,
                    help="training sites per epoch (default: counted in --data)")
     s.add_argument("--data", help="RxRx1 folder to count training sites in (default: embedded)")
+    s.add_argument("--gpu-memory", type=gibibytes, metavar="GIB",
+                   help="memory of one GPU in GiB (default 15: a T4 of Kaggle's "
+                        "NvidiaTeslaT4 machine)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("publish-bundle", help="upload the bundle as a Kaggle dataset")

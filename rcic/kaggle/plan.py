@@ -1,14 +1,19 @@
-"""`rcic-chain plan`: how many stages a recipe needs, from a measured training throughput.
+"""`rcic-chain plan`: how many stages a recipe needs, from a measured training throughput, and
+whether its micro-batch fits the GPUs of the chain's machine (the memory plan, rcic/memory.py).
 
 The throughput is samples (sites) per second, as a stage measures it (stage.json's
 `samples_per_second`). A stage trains for about USABLE_FRACTION of its budget: the rest goes to
 start-up, validation and the final save (the stage runner uses the same fraction for its own
 `stages_left_estimate`).
 """
+import ast
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from rcic.budget import USABLE_FRACTION
 from rcic.errors import UserError
@@ -72,3 +77,53 @@ def plan(recipe, samples_per_second, budget_seconds, train_samples=None, data=No
     total = training_samples(recipe, train_samples, data)
     per_stage = samples_per_second * budget_seconds * USABLE_FRACTION
     return Plan(total, samples_per_second, budget_seconds, max(1, math.ceil(total / per_stage)))
+
+
+def memory_plan_lines(recipe, gpu_gib=None, machine_shape=None):
+    """The memory plan of the recipe on one GPU of `machine_shape` (default: the chain's),
+    or of a GPU with `gpu_gib` GiB."""
+    from rcic.kaggle.chain import DEFAULT_MACHINE_SHAPE
+    from rcic.memory import GIB, MACHINE_SHAPES, micro_batch_per_gpu, plan_memory
+
+    shape = machine_shape or DEFAULT_MACHINE_SHAPE
+    if shape not in MACHINE_SHAPES and gpu_gib is None:
+        raise UserError(f"rcic knows no GPU memory of machine shape {shape} (it knows "
+                        f"{', '.join(MACHINE_SHAPES)}): give it with --gpu-memory GIB")
+    gpus, gpu_bytes = MACHINE_SHAPES.get(shape, (1, None))
+    if gpu_gib is not None:
+        gpu_bytes = int(gpu_gib * GIB)
+    return plan_memory(recipe, micro_batch_per_gpu(recipe, gpus), gpu_bytes, gpus).describe()
+
+
+def refuse_unfitting(recipe, machine_shape):
+    """Refuse, in one line, a recipe whose micro-batch cannot fit a GPU of the machine shape.
+    A machine shape rcic knows no GPU memory of is not checked, and a note says so."""
+    from rcic.memory import MACHINE_SHAPES, machine_refusal
+
+    if machine_shape not in MACHINE_SHAPES:
+        print(f"rcic-chain: memory not checked: rcic knows no GPU memory of machine shape "
+              f"{machine_shape} (it knows {', '.join(MACHINE_SHAPES)})", file=sys.stderr)
+        return
+    line = machine_refusal(recipe, machine_shape)
+    if line:
+        raise UserError(line)
+
+
+def refuse_unfitting_chain(chain_dir):
+    """refuse_unfitting for a rendered chain: the recipe and machine shape of its stages."""
+    from rcic.config import Recipe, from_dict
+    from rcic.kaggle import chain, metadata
+
+    stages = [f for f in chain.kernel_folders(chain_dir) if chain.is_stage(f)]
+    if not stages:
+        return
+    script = stages[0] / chain.STAGE_SCRIPT
+    line = chain.SETTINGS_LINE.search(script.read_text())
+    if line is None:
+        raise UserError(f"{script} has no 'SETTINGS = ...' line: render the chain again with "
+                        f"rcic-chain init")
+    settings = ast.literal_eval(line.group(0).split("=", 1)[1].strip())
+    recipe = (from_dict(yaml.safe_load(settings["recipe_yaml"]), str(script))
+              if settings["recipe_yaml"] else Recipe())
+    meta = metadata.read_json(stages[0] / metadata.KERNEL_METADATA)
+    refuse_unfitting(recipe, meta.get("machine_shape"))

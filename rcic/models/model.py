@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcic.errors import UserError
+from rcic.models import checkpointing
 from rcic.models.backbones import create_backbone
 from rcic.models.heads import HEADS, Head, neck
 from rcic.models.stem import STEM_INITS, load_pretrained
@@ -72,7 +73,11 @@ def create_model(model_cfg, num_classes, num_cell_types, with_pretrained=True):
     backbone = create_backbone(model_cfg.backbone)
     if with_pretrained:
         start_backbone(backbone, model_cfg)
-    return RcicModel(backbone, num_classes, num_cell_types, model_cfg)
+    model = RcicModel(backbone, num_classes, num_cell_types, model_cfg)
+    if model_cfg.activation_checkpointing:
+        checkpointing.enable(backbone, model_cfg.backbone)
+        checkpointing.keep_running_stats(model)
+    return model
 
 
 def start_backbone(backbone, model_cfg):
