@@ -37,8 +37,8 @@ def test_dry_run_fills_the_json_and_the_table_in_under_a_minute(tmp_path):
 
     assert check["dry"] is True and check["env"]["device"] == "cpu (dry run)"
     assert check["env"]["torch"] and check["env"]["cpu_cores"] >= 1
-    assert list(check["parts"]) == ["env", "tests", "data", "step tiny 32", "loader", "stage",
-                                    "resume"]
+    assert list(check["parts"]) == ["env", "tests", "memory", "data", "step tiny 32", "loader",
+                                    "stage", "resume"]
     for name, part in check["parts"].items():
         assert part["status"] == "ok" and part["seconds"] <= part["cap_seconds"] + 1, name
         assert (out / part["log"]).stat().st_size > 0

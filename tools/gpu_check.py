@@ -5,6 +5,8 @@ recorded as "timed out"; the parts after it still run):
 
   env     the machine: GPU name(s), driver, CUDA, cuDNN, torch, cores
   tests   the `cuda` tests (tests/test_cuda.py) through pytest
+  memory  the memory plan of every recipe in configs/ against torch.cuda.max_memory_allocated
+          (tools/gpu_memory_check.py): within 15%, or the plan's allowance needs correcting
   data    a synthetic RxRx1 folder and its raw caches at every benchmarked size
   step    tools/bench_train.py for each backbone and size: the baseline step (fp32, NCHW) against
           rcic's (AMP, channels_last, fused Adam): images/s, share of time waiting for data,
@@ -42,7 +44,7 @@ from pathlib import Path
 from rcic.kaggle.session import GPU_CPU_LIMIT_SECONDS, default_budget_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ["env", "tests", "data", "step", "loader", "stage"]
+PARTS = ["env", "tests", "memory", "data", "step", "loader", "stage"]
 TOTAL_CAP = 480          # seconds: the sum of the GPU plan's caps must stay inside 8 minutes
 
 # Peak dense fp16 tensor-core rates (TFLOPS, no sparsity) from NVIDIA's data sheets, matched
@@ -103,7 +105,8 @@ def gpu_plan(cores, stage_budget):
                     "train.epochs=1000", "train.checkpoint_every_steps=200"],
         stage_size=256, stage_budget=stage_budget, resume_budget=20, resume_steps=0,
         estimate_model=("efficientnet-b5", 512),
-        caps={"env": 15, "tests": 140, "data": 35, "step 256": 18, "step 512": 26, "loader": 20,
+        caps={"env": 15, "tests": 140, "memory": 90, "data": 35, "step 256": 18, "step 512": 26,
+              "loader": 20,
               "stage": stage_budget + 10, "resume": 28})
 
 
@@ -123,7 +126,7 @@ def dry_plan(cores):
         estimate_model=("tiny", 32), peak_tflops=1.0,
         # Generous: each part takes a few seconds of CPU, mostly imports, but a shared CPU
         # can make that several times longer; a part past a minute is broken.
-        caps={part: 60 for part in ("env", "tests", "data", "step 32", "loader", "stage",
+        caps={part: 60 for part in ("env", "tests", "memory", "data", "step 32", "loader", "stage",
                                     "resume")})
 
 
@@ -228,6 +231,14 @@ class Check:
                             "-m", "cuda", "tests/test_cuda.py", f"--junitxml={report}"]],
                  self.plan.caps["tests"])
         return read_junit(report) if report.exists() else []
+
+    # -- memory -------------------------------------------------------------------------------
+    def memory_plan(self):
+        """rcic's memory plan (rcic/memory.py) against torch.cuda.max_memory_allocated for every
+        recipe in configs/ at its size (tools/gpu_memory_check.py; its log has the table): ok
+        when each is within 15%. The dry run takes the tiny recipe through the same code."""
+        return self.run("memory", [[sys.executable, "tools/gpu_memory_check.py",
+                                    *(["--dry"] if self.dry else [])]], self.plan.caps["memory"])
 
     # -- data -----------------------------------------------------------------------------------
     def prepare_data(self):
@@ -577,6 +588,8 @@ def main():
 
     env = check.probe_env() if "env" in args.parts else {"device": "not probed"}
     tests = check.cuda_tests() if "tests" in args.parts else []
+    if "memory" in args.parts:
+        check.memory_plan()
     # The step and stage parts read the data part's folder and caches.
     have_data = check.prepare_data() if {"data", "step", "stage"} & set(args.parts) else False
     training = check.training_steps() if "step" in args.parts and have_data else []
