@@ -128,4 +128,6 @@ def patched_env(**patches):
     named = ",".join(f"{k.replace('_', '-')}={v}" if v is not True else k.replace("_", "-")
                      for k, v in patches.items())
     path = os.pathsep.join(filter(None, [str(PATCHED), os.environ.get("PYTHONPATH")]))
+    # Added to those already asked for (tools/mutation_check.py runs the tests under one).
+    named = ",".join(filter(None, [os.environ.get("RCIC_TEST_PATCHES"), named]))
     return dict(os.environ, PYTHONPATH=path, RCIC_TEST_PATCHES=named)
