@@ -257,11 +257,20 @@ def test_validation_accuracy_per_cell_type_adds_up_to_the_whole(tiny_data):
     assert weighted == pytest.approx(row["val_acc"])
 
 
+# Counts the page's images a browser did not decode whole: a PNG cut short still shows its top
+# rows, but its last pixel stays transparent (the report's pictures are opaque).
 CHECK_IMAGES = """<script>
 window.addEventListener("load", () => {
+  const whole = image => {
+    if (!image.complete || image.naturalWidth === 0) return false;
+    const canvas = document.createElement("canvas");
+    [canvas.width, canvas.height] = [image.naturalWidth, image.naturalHeight];
+    const context = canvas.getContext("2d");
+    context.drawImage(image, 0, 0);
+    return context.getImageData(canvas.width - 1, canvas.height - 1, 1, 1).data[3] === 255;
+  };
   const images = [...document.images];
-  document.title = `images ${images.length} broken ${
-      images.filter(i => !i.complete || i.naturalWidth === 0).length}`;
+  document.title = `images ${images.length} broken ${images.filter(i => !whole(i)).length}`;
 });
 </script>"""
 
