@@ -27,17 +27,8 @@ from rcic.kaggle.record import Record
 from rcic.report import after_stage
 from rcic.report.chains import HISTORY, PARTS
 from rcic.train import Trainer
+from test_local_chain import RECIPE    # the local chain's tiny recipe: 12 steps
 
-RECIPE = """name: tiny-report
-data:
-  image_size: 16
-  batch_size: 8
-model:
-  backbone: tiny
-train:
-  epochs: 3
-  checkpoint_every_steps: 5
-"""
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -145,7 +145,7 @@ def read_local(out):
         stages.append(Stage(name, report, stage_seconds(report)))
     return Chain(label=out.name, where=str(out), stages=stages, planned_stages=planned,
                  metrics=newest_metrics([workings[n] for n in stage_names]),
-                 submission=read_json(workings.get("submit", out) / REPORT_NAME))
+                 submission=read_json(workings[names[-1]] / REPORT_NAME))
 
 
 def pushed_output(folder, attempt):
