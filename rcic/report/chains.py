@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rcic import stage_report
 from rcic.errors import UserError
-from rcic.kaggle import chain as chain_files
+from rcic.kaggle import chain as chain_files, metadata
 from rcic.kaggle.cost import WEEKLY_GPU_HOURS, observed_seconds, read_json
 
 # Where a stage kernel keeps the stage.json of every stage before it, as stage-NN.json: not
@@ -173,7 +173,7 @@ def read_pushed(chain_dir):
     for name in names:
         folder, current = chain_dir / name, record.current(name)
         places = pushed_output(folder, current)
-        meta = read_json(folder / "kernel-metadata.json") or {}
+        meta = read_json(folder / metadata.KERNEL_METADATA) or {}
         gpu = meta.get("enable_gpu", True)
         # Runs before the current one cost GPU time too (failed, cancelled, --from).
         for past in record.attempts(name) if gpu else ():
