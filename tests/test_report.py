@@ -234,10 +234,32 @@ def test_a_folder_that_is_not_a_chain_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "R").exists()
 
 
-def test_an_unwritable_report_folder_is_one_line(local_chain, tmp_path, capsys):
-    folder, _ = local_chain
+def rendered_chain(tmp_path):
+    """A chain as rcic-chain init leaves it: nothing pushed, no output downloaded."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    spec = chain_files.ChainSpec(owner="someone", prefix="rcic-fresh", stages=2, budget="10m",
+                                 recipe=recipe)
+    chain_files.render_chain(spec, tmp_path / "fresh")
+    return tmp_path / "fresh"
+
+
+def test_a_chain_with_no_output_yet_shows_its_stages_as_missing(tmp_path):
+    fresh = rendered_chain(tmp_path)
+    assert chain_main(["report", str(fresh), "--out", str(tmp_path / "R")]) == 0
+    page = Page((tmp_path / "R" / "report.html").read_text())
+    check_self_contained(page)
+    assert [row[:2] for row in page.table("stage")[1:]] == [["stage-01", "no stage.json here"],
+                                                           ["stage-02", "no stage.json here"]]
+    summary = {row[0]: row[1:] for row in page.table("")[1:]}
+    assert summary["stages run / rendered"] == ["0 / 2"]
+    assert summary["submission"] == ["no submission kernel output here"]
+
+
+def test_an_unwritable_report_folder_is_one_line(tmp_path, capsys):
+    fresh = rendered_chain(tmp_path)
     (tmp_path / "R").write_text("a file, not a folder")
-    assert chain_main(["report", str(folder), "--out", str(tmp_path / "R")]) == 2
+    assert chain_main(["report", str(fresh), "--out", str(tmp_path / "R")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot write the report into" in err
     assert (tmp_path / "R").read_text() == "a file, not a folder"

@@ -97,8 +97,9 @@ def draw_cell_types(ax, chains):
     if len(chains) > 1:
         ax.legend(fontsize=8)
     if not types:
-        ax.text(0.5, 0.5, "not recorded (a metrics.csv from before rcic recorded cell types)",
-                ha="center", transform=ax.transAxes, fontsize=9)
+        # metrics.csv written before rcic recorded cell types, or none at all
+        ax.text(0.5, 0.5, "no validation per cell type recorded", ha="center",
+                transform=ax.transAxes, fontsize=9)
 
 
 def draw_costs(ax, chains):
@@ -118,7 +119,7 @@ def draw_costs(ax, chains):
         if parts is None:
             ax.text(0, y, " no stage.json here", va="center", fontsize=8)
     ax.set_yticks(range(len(rows)), [name for name, _ in rows])
-    ax.invert_yaxis()
+    ax.set_ylim(len(rows) - 0.5, -0.5)      # the first stage on top
     ax.set(xlabel=f"{unit} of the stage's budget", title="where each stage's budget went")
     ax.legend(handles=[Patch(facecolor=PART_COLORS[p], edgecolor="0.6", label=p) for p in PARTS],
               fontsize=8, ncol=len(PARTS), loc="upper center", bbox_to_anchor=(0.5, -0.2))
@@ -139,7 +140,7 @@ def draw_quota(ax, chains):
     ax.set_ylim(len(chains) - 0.4, -0.6)
     ax.set(xlim=(0, WEEKLY_GPU_HOURS * 1.6), xlabel="GPU hours",
            title=f"a week's GPU quota ({WEEKLY_GPU_HOURS:.0f} h): this chain's share")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
 
 
 def section_figures(chains):
