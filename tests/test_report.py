@@ -24,7 +24,7 @@ from rcic.kaggle import chain as chain_files
 from rcic.kaggle.local import run_local_chain
 from rcic.kaggle.record import Record
 from rcic.report import after_stage
-from rcic.report.chains import HISTORY, PARTS
+from rcic.report.chains import HISTORY, PARTS, Chain, Stage, kernel_seconds_at
 from rcic.train import Trainer
 from test_local_chain import RECIPE    # the local chain's tiny recipe: 12 steps
 
@@ -270,6 +270,18 @@ def test_a_report_that_fails_never_fails_the_stage_kernel(tmp_path):
     # The previous stage's output lacks its stage.json: nothing to carry, nothing to draw.
     after_stage(settings, [tmp_path / "missing"], tmp_path, Budget(600), echo=lines.append)
     assert len(lines) == 1 and "the chain's report was not written" in lines[0]
+
+
+def test_steps_are_placed_on_the_chain_clock_within_their_stage():
+    # Stage 1: steps 0-100 trained from 10 s (its start-up's end) to 110 s, and its kernel ran
+    # 120 s; stage 2: steps 100-300 from 20 s to 220 s of its own clock.
+    def stage(name, step, startup, used, seconds):
+        return Stage(name, {"global_step": step, "seconds_used": used,
+                            "costs": {"startup_seconds": startup}}, seconds)
+    chain = Chain("c", "c", [stage("stage-01", 100, 10, 110, 120),
+                             stage("stage-02", 300, 20, 220, 240)])
+    assert [kernel_seconds_at(chain, step) for step in (0, 50, 100, 101, 200, 300)] == \
+        pytest.approx([10, 60, 110, 120 + 20 + 1, 120 + 20 + 100, 120 + 220])
 
 
 def test_validation_accuracy_per_cell_type_adds_up_to_the_whole(tiny_data):
