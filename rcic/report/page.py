@@ -7,6 +7,7 @@ import html
 import time
 
 from rcic.kaggle.cost import WEEKLY_GPU_HOURS
+from rcic.kaggle.plan import hours
 from rcic.report.chains import PARTS, cost_parts
 
 STYLE = """
@@ -32,8 +33,7 @@ def number(value, digits=3):
 def seconds_text(seconds):
     if seconds is None:
         return "-"
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else (
-        f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.1f} s")
+    return hours(seconds) if seconds >= 120 else f"{seconds:.1f} s"
 
 
 def table(header, rows, css_class=""):
