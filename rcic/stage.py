@@ -472,6 +472,7 @@ class Stage:
         stage_report.write(self.out, report)
         rows = trainer.history
         keys = ["step", "epoch", "lr", "train_loss", "val_loss", "val_acc"]
+        keys += sorted({k for row in rows for k in row if k.startswith("val_acc_")})
         with open(self.out / "metrics.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             writer.writeheader()

@@ -404,6 +404,7 @@ class Trainer:
         parts = (plate_rows(self.val_set.sites) if self.recipe.data.plate_batches
                  else [np.arange(len(self.val_set))])
         total, correct, loss_sum = 0, 0, 0.0
+        right, seen = torch.zeros(len(self.cell_types)), torch.zeros(len(self.cell_types))
         for rows in parts:
             measured = ((x, c) for x, _, c in self._val_batches(rows, stop))
             statistics = (plate_statistics(model, measured) if self.recipe.data.plate_batches
@@ -413,10 +414,16 @@ class Trainer:
                     with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                         logits = model.logits(model(x, cell_types)).float()
                     loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-                    correct += (logits.argmax(1) == labels).sum().item()
+                    hits = logits.argmax(1) == labels
+                    correct += hits.sum().item()
                     total += len(labels)
+                    right += torch.bincount(cell_types[hits], minlength=len(right)).cpu()
+                    seen += torch.bincount(cell_types, minlength=len(seen)).cpu()
         self.pending_eval = False
         row = {"step": self.global_step, "epoch": self.epoch,
                "val_loss": loss_sum / max(total, 1), "val_acc": correct / max(total, 1)}
+        # Per cell type too (val_acc_HUVEC, ...): batch effects differ between them.
+        row.update({f"val_acc_{name}": (r / n).item()
+                    for name, r, n in zip(self.cell_types, right, seen) if n})
         self.history.append(row)
         return row

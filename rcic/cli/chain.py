@@ -9,6 +9,7 @@
   plan            the memory a recipe needs per GPU; with a measured throughput, the stages
   publish-bundle  upload the bundle folder (tools/build_bundle.py) as a Kaggle dataset
   local           run the whole chain on this machine, as Kaggle would
+  report          report.html and report.png of one chain or several, side by side
 
 push, submit, status, output and publish-bundle need Kaggle credentials: an API token
 (KAGGLE_API_TOKEN or ~/.kaggle/access_token) or the legacy key (~/.kaggle/kaggle.json, or
@@ -173,6 +174,13 @@ def cmd_local(args):
                              output_limit=parse_size(args.output_limit))
     print("\n".join(result["table"]))
     print(f"submission: {result['submission']}")
+    print(f"report: {result['report']}")
+
+
+def cmd_report(args):
+    from rcic.report import report_folders
+
+    print(f"report: {report_folders([Path(d) for d in args.dirs], Path(args.out))}")
 
 
 def add_cache_option(parser):
@@ -279,6 +287,13 @@ def build_parser():
                         "Kaggle drops such output (default 20GB; scale it down for small data)")
     add_cache_option(s)
     s.set_defaults(func=cmd_local)
+
+    s = sub.add_parser("report", help="one picture of a chain, or of several side by side")
+    s.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="a chain folder: the --out of rcic-chain local, or of rcic-chain init "
+                        "(after rcic-chain output)")
+    s.add_argument("--out", required=True, help="folder for report.html and report.png")
+    s.set_defaults(func=cmd_report)
     return p
 
 

@@ -51,6 +51,7 @@ def run_stage(settings, input_root, working):
     from rcic.budget import Budget, parse_duration
     from rcic.config import load_recipe
     from rcic.launch import Processes, launch_stage
+    from rcic.report import after_stage
 
     # The kernel's budget counts from this process's start: Kaggle's clock started before it.
     budget = Budget(parse_duration(settings["budget"]))
@@ -89,12 +90,14 @@ def run_stage(settings, input_root, working):
               + (f", about {r['stages_left_estimate']} more stage(s) needed"
                  if not r.get("done") and r.get("stages_left_estimate") is not None else ""),
               flush=True)
+    after_stage(settings, previous, working, budget)
     return status
 
 
 def run_submit(settings, input_root, working):
     from rcic.logs import setup_logging
     from rcic.predict import describe, run_prediction
+    from rcic.report import after_submit
     from rcic.weights import WEIGHTS_NAME
 
     data = find_data_dir(input_root)
@@ -112,6 +115,7 @@ def run_submit(settings, input_root, working):
     setup_logging()
     report = run_prediction(data, out, weights, cache=str(cache[0]) if cache else "")
     print(*(f"rcic submit kernel: {line}" for line in describe(report)), sep="\n", flush=True)
+    after_submit(weights[0].parent, working, report)   # the last stage's output
     return 0
 
 

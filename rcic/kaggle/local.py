@@ -159,11 +159,13 @@ def run_local_chain(stages, budget, out, recipe=None, data=None, steps_per_stage
                     echo=print):
     """Render and run a chain of `stages` stages and a submission kernel under `out`.
 
-    Returns {"kernels": [{"name", "seconds", "status", ...}], "submission": path}.
+    Returns {"kernels": [{"name", "seconds", "status", ...}], "submission": path, "table":
+    lines, "report": the path of the chain's report.html}.
     """
     from rcic.budget import parse_duration
     from rcic.data.layout import RxRx1
     from rcic.data.synthetic import default_data_dir
+    from rcic.report import report_folders
     from rcic.submission import check_submission
 
     out = Path(out).absolute()   # kernels run with their working folder as cwd
@@ -190,8 +192,10 @@ def run_local_chain(stages, budget, out, recipe=None, data=None, steps_per_stage
     rows = check_submission(submission, data)
     shutil.copy(submission, out / "submission.csv")
     echo(f"rcic-chain local: {out / 'submission.csv'} is a valid submission ({rows} rows)")
+    report = report_folders([out], out / "report")
+    echo(f"rcic-chain local: the chain's report: {report}")
     return {"kernels": results, "submission": out / "submission.csv",
-            "table": summary_table(results)}
+            "table": summary_table(results), "report": report}
 
 
 def summary_table(results):
