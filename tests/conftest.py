@@ -35,7 +35,8 @@ def rcic_home(tmp_path_factory):
 # first. Their own order, and every other module's, is kept.
 LONG_TRIALS_FIRST = ("test_local_chain.py", "test_stage_deadline.py", "test_faults.py",
                      "test_ddp.py", "test_gpu_check.py", "test_pseudo.py", "test_stage.py",
-                     "test_progress.py", "test_recipes.py", "test_portable_state.py")
+                     "test_progress.py", "test_recipes.py", "test_portable_state.py",
+                     "test_report.py", "test_processes.py", "test_activation_checkpointing.py")
 
 
 def pytest_collection_modifyitems(items):
