@@ -12,12 +12,11 @@ import importlib.util
 import pytest
 import torch
 
-from rcic.cli.stage import main as stage_main
 from rcic.config import ModelConfig, Recipe, training_fields
 from rcic.memory import measure_steps
 from rcic.models import create_loss, create_model
 
-from helpers import TINY, assert_same_weights, run_main, stage_here
+from helpers import assert_same_weights, stage, stage_here
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 FAMILIES = ["tiny", "densenet121", "resnet50", "efficientnet-b0",
@@ -99,9 +98,7 @@ def test_a_copy_of_the_model_recomputes_its_own_blocks(backbone):
 def test_two_processes_with_checkpointing_train_to_the_same_weights(tiny_data, tmp_path):
     # DDP's gradient hooks fire in the recomputing backward too: the all-reduce is unchanged.
     def ddp_stage(out, *sets):
-        argv = ["--gpus", "2", "--data", tiny_data, "--out", out, "--budget", "5m", "--quiet",
-                "--steps", "3", "--set", *TINY, "data.num_workers=0", *sets]
-        assert run_main(stage_main, argv) == 0
+        stage(tiny_data, out, "--gpus", 2, "--steps", 3, sets=["data.num_workers=0", *sets])
     ddp_stage(tmp_path / "plain")
     ddp_stage(tmp_path / "checkpointed", "model.activation_checkpointing=true")
     assert_same_weights(tmp_path / "plain", tmp_path / "checkpointed")

@@ -87,8 +87,8 @@ def memory_plan_lines(recipe, gpu_gib=None, machine_shape=None):
 
     shape = machine_shape or DEFAULT_MACHINE_SHAPE
     if shape not in MACHINE_SHAPES and gpu_gib is None:
-        raise UserError(f"rcic knows no GPU memory of machine shape {shape} (it knows "
-                        f"{', '.join(MACHINE_SHAPES)}): give it with --gpu-memory GIB")
+        return [f"memory plan: rcic knows no GPU memory of machine shape {shape} (it knows "
+                f"{', '.join(MACHINE_SHAPES)}); give it with --gpu-memory GIB for a plan"]
     gpus, gpu_bytes = MACHINE_SHAPES.get(shape, (1, None))
     if gpu_gib is not None:
         gpu_bytes = int(gpu_gib * GIB)
