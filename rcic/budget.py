@@ -237,7 +237,13 @@ class StopRequest:
         if self._signum is None:
             self._signum = signum
             return
+        ignored = self._previous.get(signum) == signal.SIG_IGN
         self.restore()
+        if ignored:
+            # The process began with this signal ignored (a shell's background job begins so
+            # with SIGINT): the first one was taken all the same, so the second must not vanish.
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
+                          else signal.SIG_DFL)
         signal.raise_signal(signum)
 
     def restore(self):

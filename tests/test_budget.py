@@ -97,14 +97,18 @@ def test_estimator_seed_and_timer():
     assert est.estimate("eval") is None  # a block that failed is no sample
 
 
-def _start_stop_loop(step_seconds):
-    """The stop loop, once it is inside its step 2."""
+def _start_stop_loop(step_seconds, ignoring=()):
+    """The stop loop, once it is inside its first step; started with the signals `ignoring` ignored
+    (as a shell starts a background job: SIGINT and SIGQUIT ignored)."""
+    def ignore():
+        for signum in ignoring:
+            signal.signal(signum, signal.SIG_IGN)
     proc = subprocess.Popen([sys.executable, PROGRAM, "stop", str(step_seconds)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
     lines = []
     for line in proc.stdout:
         lines.append(line.strip())
-        if line.strip() == "step 2 start":
+        if line.strip() == "step 1 start":
             return proc, lines
     raise AssertionError(f"program ended early: {lines} {proc.stderr.read()}")
 
@@ -130,10 +134,12 @@ def test_signal_finishes_the_step_then_exits_0(signum):
     assert lines[-2:] == [f"step {step} end", f"stopped after step {step}"]
 
 
-def test_second_signal_aborts():
+@pytest.mark.parametrize("ignoring", [(), (signal.SIGINT,)], ids=["", "begun-ignoring-sigint"])
+def test_second_signal_aborts(ignoring):
     # The second signal is sent only once the program has taken the first: two signals that
-    # reach a descheduled process before its handler runs would be delivered as one.
-    proc, lines = _start_stop_loop(step_seconds=30.0)
+    # reach a descheduled process before its handler runs would be delivered as one. A process
+    # begun with SIGINT ignored (a background job) must abort all the same.
+    proc, lines = _start_stop_loop(step_seconds=30.0, ignoring=ignoring)
     proc.send_signal(signal.SIGINT)
     step = _read_until(proc, lines, "stop seen in step").split()[-1]
     proc.send_signal(signal.SIGINT)

@@ -210,7 +210,11 @@ def test_sigkill_at_random_moments_never_loses_the_last_commit(tmp_path):
     out, log_path = tmp_path / "out", tmp_path / "log"
     rng = random.Random(0)
     killed_inside_a_save = newest_committed = 0
-    for trial in range(20):
+    # 20 trials, or more until 5 kills have landed inside a save: how many do in 20 depends on
+    # how fast this machine saves, not on whether commits survive.
+    for trial in range(80):
+        if trial >= 20 and killed_inside_a_save >= 5:
+            break
         ref = newest(out)
         first = ref.step + 1 if ref else 1
         log_path.write_text("")
