@@ -1,6 +1,8 @@
 """Shared fixtures: tiny RxRx1-shaped folders written once per test session."""
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,13 @@ TINY = SynthSpec(n_classes=8, n_positive_controls=1, image_size=16, train_experi
 def tiny_data(tmp_path_factory):
     """A complete synthetic RxRx1 folder: 2 cell types, 8 classes, 16 px (read-only in tests)."""
     return generate(tmp_path_factory.mktemp("data") / "tiny", TINY)
+
+
+@pytest.fixture
+def own_data(tiny_data, tmp_path):
+    """A private copy of the tiny data that a test may break and mend (real copies of the
+    files: a change never reaches the session's folder)."""
+    return Path(shutil.copytree(tiny_data, tmp_path / "own-data"))
 
 
 @pytest.fixture(scope="session", autouse=True)

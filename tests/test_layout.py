@@ -11,12 +11,6 @@ from rcic.data.synthetic import SynthSpec, generate
 from rcic.errors import UserError
 
 
-@pytest.fixture()
-def data_copy(tiny_data, tmp_path):
-    """A private copy to break."""
-    return shutil.copytree(tiny_data, tmp_path / "d")
-
-
 def test_schemas_match_the_competition_files(tiny_data):
     for name, columns in layout.SCHEMAS.items():
         assert list(pd.read_csv(tiny_data / name, nrows=1).columns) == columns
@@ -86,32 +80,32 @@ def bad(data_dir, *needles):
     return message
 
 
-def test_missing_folder_and_files(tmp_path, data_copy):
+def test_missing_folder_and_files(tmp_path, own_data):
     bad(tmp_path / "nope", "does not exist")
-    (data_copy / "test.csv").unlink()
-    bad(data_copy, "test.csv is missing")
+    (own_data / "test.csv").unlink()
+    bad(own_data, "test.csv is missing")
 
 
-def test_wrong_columns(data_copy):
-    df = pd.read_csv(data_copy / "train.csv")
-    df.drop(columns="well").assign(extra=1).to_csv(data_copy / "train.csv", index=False)
-    bad(data_copy, "train.csv lacks column(s) well", "unexpected column(s) extra")
+def test_wrong_columns(own_data):
+    df = pd.read_csv(own_data / "train.csv")
+    df.drop(columns="well").assign(extra=1).to_csv(own_data / "train.csv", index=False)
+    bad(own_data, "train.csv lacks column(s) well", "unexpected column(s) extra")
 
 
-def test_duplicate_id_out_of_range_sirna_unknown_experiment(data_copy):
-    df = pd.read_csv(data_copy / "train.csv")
+def test_duplicate_id_out_of_range_sirna_unknown_experiment(own_data):
+    df = pd.read_csv(own_data / "train.csv")
     df.loc[1, "sirna"] = 1500
     df = pd.concat([df, df.iloc[[0]]])
-    df.to_csv(data_copy / "train.csv", index=False)
-    bad(data_copy, "duplicated id_code", "siRNA 1500")
-    df = pd.read_csv(data_copy / "test.csv")
+    df.to_csv(own_data / "train.csv", index=False)
+    bad(own_data, "duplicated id_code", "siRNA 1500")
+    df = pd.read_csv(own_data / "test.csv")
     df.loc[0, "experiment"] = "weird_name"
-    df.to_csv(data_copy / "test.csv", index=False)
-    bad(data_copy, "unknown experiment name(s) weird_name")
+    df.to_csv(own_data / "test.csv", index=False)
+    bad(own_data, "unknown experiment name(s) weird_name")
 
 
-def test_every_broken_image_is_reported(data_copy):
-    data = RxRx1(data_copy)
+def test_every_broken_image_is_reported(own_data):
+    data = RxRx1(own_data)
     rows = list(data.sites.itertuples(index=False))
     missing, empty, not_png, wrong_size = (data.paths(rows[i])[0] for i in (0, 1, 2, 3))
     missing.unlink()
@@ -120,17 +114,17 @@ def test_every_broken_image_is_reported(data_copy):
     import cv2
     import numpy as np
     cv2.imwrite(str(wrong_size), np.zeros((20, 20), np.uint8))
-    message = bad(data_copy, "4 problem(s)", "missing", "empty (0 bytes)", "not a PNG file")
+    message = bad(own_data, "4 problem(s)", "missing", "empty (0 bytes)", "not a PNG file")
     assert "20x20" in message
 
 
-def test_colour_png_is_rejected(data_copy):
+def test_colour_png_is_rejected(own_data):
     import cv2
     import numpy as np
-    data = RxRx1(data_copy)
+    data = RxRx1(own_data)
     path = data.paths(next(data.sites.itertuples(index=False)))[0]
     cv2.imwrite(str(path), np.zeros((16, 16, 3), np.uint8))
-    bad(data_copy, "not 8-bit grayscale")
+    bad(own_data, "not 8-bit grayscale")
 
 
 def test_cli_reports_one_line_and_exit_2(tmp_path):
@@ -147,19 +141,19 @@ def test_cli_reports_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and "multiple of 4" in result.stderr
 
 
-def test_a_missing_plate_folder_is_one_problem(data_copy):
-    shutil.rmtree(data_copy / "train" / "RPE-02" / "Plate3")
-    bad(data_copy, "1 problem(s)", "train/RPE-02/Plate3 is missing (its ")
+def test_a_missing_plate_folder_is_one_problem(own_data):
+    shutil.rmtree(own_data / "train" / "RPE-02" / "Plate3")
+    bad(own_data, "1 problem(s)", "train/RPE-02/Plate3 is missing (its ")
 
 
-def test_large_folders_sample_headers_and_a_broken_file_is_named_when_read(data_copy,
+def test_large_folders_sample_headers_and_a_broken_file_is_named_when_read(own_data,
                                                                             monkeypatch):
     """Above HEADER_SAMPLE images only a spread of headers is read at open; every missing file
     is still found (from the folder listings), and a broken file outside the sample fails
     when it is read, naming the file."""
     from rcic.data.images import decode_site
     monkeypatch.setattr(layout, "HEADER_SAMPLE", 60)
-    data = RxRx1(data_copy)
+    data = RxRx1(own_data)
     expected = data.expected_files()
     sample = layout.header_sample(expected, 60)
     assert 60 <= len(sample) <= 60 + len(expected)
@@ -167,34 +161,34 @@ def test_large_folders_sample_headers_and_a_broken_file_is_named_when_read(data_
     assert {name[-6:-4] for _, name in sample} == {f"w{c}" for c in range(1, 7)}
     sampled = {f"{folder}/{name}" for folder, name in sample}
     rows = list(data.sites.itertuples(index=False))
-    row = next(r for r in rows if str(data.paths(r)[2].relative_to(data_copy)) not in sampled)
+    row = next(r for r in rows if str(data.paths(r)[2].relative_to(own_data)) not in sampled)
     broken = data.paths(row)[2]
     broken.write_bytes(b"")
-    assert RxRx1(data_copy).image_size == (16, 16)       # opens: the file is outside the sample
+    assert RxRx1(own_data).image_size == (16, 16)       # opens: the file is outside the sample
     with pytest.raises(UserError, match=f"cannot decode image {broken}"):
         decode_site(data.paths(row), 16)
     broken.unlink()
-    bad(data_copy, f"{broken.relative_to(data_copy)} is missing")
+    bad(own_data, f"{broken.relative_to(own_data)} is missing")
     folder, name = sample[5]
-    (data_copy / folder / name).write_text("hello")
-    bad(data_copy, f"{folder}/{name} is not a PNG file")
+    (own_data / folder / name).write_text("hello")
+    bad(own_data, f"{folder}/{name} is not a PNG file")
 
 
-def test_pixel_stats_header_checked_at_open_body_when_statistics_are_needed(data_copy):
-    path = data_copy / "pixel_stats.csv"
+def test_pixel_stats_header_checked_at_open_body_when_statistics_are_needed(own_data):
+    path = own_data / "pixel_stats.csv"
     good = path.read_text()
     path.write_text(good.replace(",median,", ",medium,", 1))
-    bad(data_copy, "pixel_stats.csv lacks column(s) median", "unexpected column(s) medium")
+    bad(own_data, "pixel_stats.csv lacks column(s) median", "unexpected column(s) medium")
     lines = good.splitlines()
     fields = lines[5].split(",")
     fields[6] = "n/a?"                                      # its mean
     path.write_text("\n".join(lines[:5] + [",".join(fields)] + lines[6:]) + "\n")
-    data = RxRx1(data_copy)                                 # the body is not read at open
+    data = RxRx1(own_data)                                 # the body is not read at open
     with pytest.raises(UserError, match=f"{path} cannot be read .*data.normalization=image"):
         data.channel_stats("experiment")
 
 
-def test_an_odd_sized_image_outside_the_header_sample_is_refused_when_read(data_copy,
+def test_an_odd_sized_image_outside_the_header_sample_is_refused_when_read(own_data,
                                                                           monkeypatch):
     """The open reads a sample of headers only: an image of another size that it missed is
     refused, naming the file, when a dataset reads it, instead of being silently resized."""
@@ -204,14 +198,14 @@ def test_an_odd_sized_image_outside_the_header_sample_is_refused_when_read(data_
     from rcic.config import Recipe
     from rcic.data.dataset import site_reader
     monkeypatch.setattr(layout, "HEADER_SAMPLE", 60)
-    data = RxRx1(data_copy)
+    data = RxRx1(own_data)
     sampled = {f"{folder}/{name}" for folder, name in
                layout.header_sample(data.expected_files(), 60)}
     row = next(r for r in data.sites.itertuples(index=False)
-               if str(data.paths(r)[4].relative_to(data_copy)) not in sampled)
+               if str(data.paths(r)[4].relative_to(own_data)) not in sampled)
     odd = data.paths(row)[4]
     cv2.imwrite(str(odd), np.zeros((24, 24), np.uint8))
-    data = RxRx1(data_copy)
+    data = RxRx1(own_data)
     assert data.image_size == (16, 16)                   # opens: the file is outside the sample
     recipe = Recipe()
     recipe.data.image_size = 8

@@ -221,12 +221,6 @@ def resume_to_the_end(data, out, reference):
     assert_same_weights(out, reference)
 
 
-@pytest.fixture
-def own_data(tiny_data, tmp_path):
-    """A copy of the data this test may break and mend."""
-    return Path(shutil.copytree(tiny_data, tmp_path / "data"))
-
-
 def fifos_for_the_training_images(data):
     """A FIFO for every image of the training (not validation) experiments, in data/fifos."""
     validation = set(open_data(data).default_val_experiments())
