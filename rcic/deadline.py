@@ -205,7 +205,7 @@ class _Listener(threading.Thread):
             return self.phase, dict(self.status), time.monotonic() - self.phase_since
 
 
-def supervise(command, budget, out, recipe_name, env=None):
+def supervise(command, budget, out, recipe_name):
     """Run the stage `command(events)` under `budget` (a rcic.budget.Budget); end it at the
     deadline. `command` makes the stage's argv from the path of the FIFO its Reporter writes to.
 
@@ -224,7 +224,7 @@ def supervise(command, budget, out, recipe_name, env=None):
     listener.start()
     ours = children(os.getpid())     # our own children, before the stage: never the stage's
     # Its own process group: the terminal's Ctrl-C reaches only the parent, which forwards it once.
-    proc = subprocess.Popen(command(fifo), env=env, process_group=0, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(command(fifo), process_group=0, preexec_fn=_die_with_parent)
 
     def adopted():
         """Orphans of the stage (their parent exited), which came to us as its subreaper."""

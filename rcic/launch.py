@@ -16,7 +16,6 @@ YAML (written exactly as given, overrides included) in a temporary folder that l
 the supervisor. Every rank reads the same request: the same recipe, data, budget and clock.
 """
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -124,7 +123,7 @@ def launch_stage(recipe, data_root, out, budget, resume_roots, max_steps=0, quie
             return processes.command(folder / "request.json")
 
         # The worker's own output (its summary line, its one-line errors) goes to ours.
-        return deadline.supervise(command, budget, out, recipe.name, env=dict(os.environ))
+        return deadline.supervise(command, budget, out, recipe.name)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

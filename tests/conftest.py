@@ -30,6 +30,21 @@ def own_data(tiny_data, tmp_path):
     return Path(shutil.copytree(tiny_data, tmp_path / "own-data"))
 
 
+@pytest.fixture
+def server():
+    """A stand-in Kaggle server on 127.0.0.1 (tests/kaggle_stand_in.py), for one test."""
+    from kaggle_stand_in import StandIn
+    stand_in = StandIn()
+    yield stand_in
+    stand_in.close()
+
+
+@pytest.fixture
+def chain_dir(rendered, tmp_path):
+    """A private copy of the module's `rendered` chain folder, which a test may push and change."""
+    return Path(shutil.copytree(rendered, tmp_path / "chain"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def rcic_home(tmp_path_factory):
     """Commands run without --data use the embedded data; keep it out of the user's home."""

@@ -10,17 +10,15 @@ answers, or just after the answer.
 import json
 import os
 import random
-import shutil
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("kaggle")
 
 from kaggle_stand_in import (CREATE_SUBMISSION, GET_KERNEL, OUTPUT, SAVE,  # noqa: E402
-                             START_UPLOAD, STATUS, FakeKaggle, StandIn, kaggle_env,
+                             START_UPLOAD, STATUS, FakeKaggle, kaggle_env,
                              render_chain, run_here, start_rcic_chain)
 
 SLUGS = ["rcic-b0-stage-01", "rcic-b0-stage-02", "rcic-b0-submit"]
@@ -31,18 +29,6 @@ SUBMISSION = b"id_code,sirna\nHEPG2-08_1_B03,17\n"
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     return render_chain(tmp_path_factory, stages=2)
-
-
-@pytest.fixture
-def chain_dir(rendered, tmp_path):
-    return Path(shutil.copytree(rendered, tmp_path / "chain"))
-
-
-@pytest.fixture
-def server():
-    s = StandIn()
-    yield s
-    s.close()
 
 
 @pytest.fixture

@@ -2,14 +2,12 @@
 token (KAGGLE_API_TOKEN, or ~/.kaggle/access_token), which the client checks with Kaggle's token
 introspection, and the legacy key (kaggle.json, or KAGGLE_USERNAME and KAGGLE_KEY). A refused
 token is one line that names both ways."""
-import shutil
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("kaggle")
 
-from kaggle_stand_in import (INTROSPECT, SAVE, FakeKaggle, StandIn, kaggle_env,  # noqa: E402
+from kaggle_stand_in import (INTROSPECT, SAVE, FakeKaggle, kaggle_env,  # noqa: E402
                              render_chain, run_here)
 
 TOKEN = "KGAT_3f2a9c1d7e5b4a6f8091"
@@ -19,18 +17,6 @@ SUBMISSION = b"id_code,sirna\nHEPG2-08_1_B03,17\n"
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     return render_chain(tmp_path_factory, stages=1)
-
-
-@pytest.fixture
-def chain_dir(rendered, tmp_path):
-    return Path(shutil.copytree(rendered, tmp_path / "chain"))
-
-
-@pytest.fixture
-def server():
-    s = StandIn()
-    yield s
-    s.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ own exit status says nothing). tests/test_chain_driver.py covers the resumable d
 status and every kernel state.
 """
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +17,8 @@ from rcic.kaggle.plan import hours
 
 pytest.importorskip("kaggle")
 
-from kaggle_stand_in import (GET_KERNEL, OUTPUT, SAVE, STATUS, StandIn, kaggle_env,  # noqa: E402
+from kaggle_stand_in import (GET_KERNEL, OUTPUT, SAVE, STATUS, kaggle_env,  # noqa: E402
                              render_chain, run_here)
-
-
-@pytest.fixture
-def server():
-    s = StandIn()
-    yield s
-    s.close()
 
 
 @pytest.fixture
@@ -39,11 +31,6 @@ def cli(server, tmp_path, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     return render_chain(tmp_path_factory, stages=2)
-
-
-@pytest.fixture
-def chain_dir(rendered, tmp_path):
-    return Path(shutil.copytree(rendered, tmp_path / "chain"))
 
 
 def statuses(*sequence):

@@ -32,24 +32,21 @@ def whole_number(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
 
 
-def gibibytes(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB above 0, e.g. 24")
-    return value
+def positive(unit):
+    """An argparse type: a number above 0 of `unit` (e.g. "seconds", "GiB, e.g. 24")."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit} above 0")
+        return value
+    return parse
 
 
-def seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
-    return value
+seconds = positive("seconds")
+gibibytes = positive("GiB")
 
 
 def duration(text):
